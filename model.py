@@ -1,0 +1,498 @@
+"""
+nanoloop: a recurrent-depth GPT in one file.
+
+    tokens -> Prelude (encode) -> s_0 = init_state(e) -> [ s = Loop(inject(s, e)) ] x r -> Coda (decode) -> logits
+
+The loop block reuses the same weights every iteration, so parameters do not grow with r: depth is chosen at run time.
+Huginn (Geiping et al., arXiv 2502.05171) trains this from scratch with a random r every step; ETD (Koishekenov et al.,
+arXiv 2510.07358) makes one from a pretrained GPT by iterating its middle layers (etd.py). The section signs (§) refer
+to METHOD.md. The blocks are GPT-2's (pre-LayerNorm, GELU-tanh MLP, learned positions, tied embeddings) so that GPT-2
+weights load.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The method, one function per idea. They are module-level functions looked up at call time, so a reader finds each one
+# by name and the exercises (exercises/) can swap a student's version in.
+
+
+def sample_depth(mean_depth, max_depth, generator=None, sigma=0.5):
+    """Huginn's log-normal Poisson depth (§3): tau ~ N(log(mean) - sigma^2/2, sigma), r = Poisson(e^tau) + 1.
+    E[r] = mean_depth + 1 and the tail is heavy, so r is capped at max_depth. Returns a Python int."""
+    tau = torch.normal(math.log(mean_depth) - sigma ** 2 / 2, sigma, (1,), generator=generator)
+    r = torch.poisson(tau.exp(), generator=generator) + 1
+    return int(min(r.item(), max_depth))
+
+
+def init_state(e, kind, std, generator=None):
+    """The loop's first state s_0 (§2). Huginn starts from noise (a normal cut at +-3 std, fresh per token and per call)
+    so the loop learns to converge from anywhere; ETD continues the residual stream (s_0 = e); zeros is exact for tests."""
+    if kind == 'embed':
+        return e
+    if kind == 'zeros':
+        return torch.zeros_like(e)
+    device = generator.device if generator is not None else e.device  # a Generator only draws on its own device
+    s = torch.empty(e.shape, dtype=e.dtype, device=device)
+    return nn.init.trunc_normal_(s, 0.0, std, -3 * std, 3 * std, generator=generator).to(e.device)
+
+
+def inject(s, e, kind, adapter=None):
+    """Re-inject the prelude output e at the start of every iteration (§2) so the loop never forgets its input.
+    'concat' is Huginn's adapter s <- W [s; e]; 'add' is s + e; 'none' is ETD's plain residual iteration."""
+    if kind == 'concat':
+        return adapter(torch.cat([s, e], dim=-1))
+    if kind == 'add':
+        return s + e
+    return s
+
+
+def truncated_loop(step, s, r, k):
+    """Apply `step` r times; autograd records only the last min(r, k) iterations (§3, truncated backprop).
+    Activation memory is O(k) whatever r is, forward cost O(r), backward O(k). `step(s, i)` gets the 0-based index."""
+    n_free = max(r - k, 0)
+    with torch.no_grad():
+        for i in range(n_free):
+            s = step(s, i)
+    for i in range(n_free, r):
+        s = step(s, i)
+    return s
+
+
+def freeze_exited(new, old, active):
+    """Per-token depth (§5): positions that are no longer `active` (B, T) keep their old value."""
+    return torch.where(active.unsqueeze(-1), new, old)
+
+
+def fill_latest(loop_kv, depths, pos):
+    """The early-exit KV cache (§5), Huginn's "latest" lookup done once at write time: a token that stopped after
+    depths[b] iterations has no keys/values for the later iterations, yet later tokens that iterate longer attend to
+    it there. Copy its last computed entry forward, so iteration i > depth reads the latest one.
+    loop_kv: (iters, n_loop, 2, B, H, T, hd); depths: (B,) in 1..iters; pos: the token's position."""
+    iters = loop_kv.shape[0]
+    src = torch.minimum(torch.arange(iters, device=depths.device)[:, None], depths[None, :] - 1)  # (iters, B)
+    at_pos = loop_kv[:, :, :, :, :, pos]                                                       # (iters, L, 2, B, H, hd)
+    index = src[:, None, None, :, None, None].expand_as(at_pos)
+    loop_kv[:, :, :, :, :, pos] = at_pos.gather(0, index)
+
+
+def kl_converged(logp_prev, logp, eps):
+    """Huginn's zero-shot exit test (§5): KL(p_i || p_{i-1}) < eps. In fp32 the KL of two nearly equal distributions
+    comes out around -1e-7, so clamp at 0: otherwise eps = 0 would let converged tokens exit."""
+    kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp_min(0)
+    return kl < eps
+
+
+def entropy_converged(logp_prev, logp, eps):
+    """Cheaper alternative (§5): the entropy of the next-token distribution changed by less than eps."""
+    entropy = lambda lp: -(lp.exp() * lp).sum(-1)
+    return (entropy(logp) - entropy(logp_prev)).abs() < eps
+
+
+def argmax_converged(logp_prev, logp, eps):
+    """Cheapest alternative (§5): the most likely next token did not change (eps is unused)."""
+    return logp.argmax(-1) == logp_prev.argmax(-1)
+
+
+# rule name -> (test, iterations in a row the test must hold). Huginn's argmax rule waits for 5 stable iterations.
+EXIT_RULES = {'kl': (kl_converged, 1), 'entropy': (entropy_converged, 1), 'argmax-stable': (argmax_converged, 5)}
+
+
+def sample_token(logits, temperature=1.0, top_k=None, generator=None):
+    """Next token from the last position's logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPT-2 blocks
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x, kv=None, pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        mask = None
+        if kv is not None:  # decoding: store this chunk at pos, attend to everything cached up to it
+            kv[0, :, :, pos:pos + T], kv[1, :, :, pos:pos + T] = k, v
+            k, v = kv[0, :, :, :pos + T], kv[1, :, :, :pos + T]
+            if T > 1 and pos > 0:  # is_causal aligns top-left, a chunk after a prefix needs the offset mask
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        # flash attention on CUDA when there is no explicit mask (§3 trap: a mask or fp32 falls back to slower kernels)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU: exact GELU breaks the 1e-5 weight-loading identity (§4)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None, pos=0):
+        x = x + self.attn(self.ln_1(x), kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Preallocated keys/values for decoding (gpt-fast style): one entry per prelude layer, per coda layer, and per
+    (iteration, loop layer) pair, because every iteration of the loop has its own keys and values (§5)."""
+
+    def __init__(self, config, batch_size, iters, device, dtype):
+        shape = (2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.prelude = torch.zeros(config.n_prelude, *shape, device=device, dtype=dtype)
+        self.loop = torch.zeros(iters, config.n_loop, *shape, device=device, dtype=dtype)
+        self.coda = torch.zeros(config.n_coda, *shape, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+INJECT = ('concat', 'add', 'none')
+INIT_STATE = ('noise', 'embed', 'zeros')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256        # context length
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64
+    n_embd: int = 384            # width of the residual stream and of the latent state
+    n_head: int = 6              # attention heads; must divide n_embd
+    n_prelude: int = 1           # encoder layers, run once (>= 0)
+    n_loop: int = 2              # layers of the loop block, run r times with shared weights (>= 1)
+    n_coda: int = 1              # decoder layers, run once on the final state (>= 0)
+    mean_depth: int = 4          # mean loop iterations r: eval default; training draws r around it (E[r] = mean + 1)
+    max_depth: int = 16          # cap on the drawn r and on adaptive decoding
+    backprop_depth: int = 4      # k: backprop through the last k iterations only (§3)
+    inject: str = 'concat'       # how e re-enters each iteration: 'concat' (Huginn adapter) | 'add' | 'none' (ETD)
+    init_state: str = 'noise'    # s_0: 'noise' (Huginn) | 'embed' (ETD: s_0 = e) | 'zeros' (exact, for tests)
+    state_std: float = 0.02      # std of the noise state
+    norm_state: bool = True      # LayerNorm the state after every iteration: keeps its scale bounded for any r (§3 trap)
+    dropout: float = 0.0
+    bias: bool = False           # biases in Linears and LayerNorms (GPT-2 has them)
+
+    def __post_init__(self):
+        positive = 'an integer >= 1'
+        for name in ('block_size', 'vocab_size', 'n_embd', 'n_head', 'n_loop', 'mean_depth', 'backprop_depth'):
+            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, positive)
+        for name in ('n_prelude', 'n_coda'):
+            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, 'an integer >= 0')
+        _check(self, 'max_depth', _is_int(self.max_depth) and self.max_depth >= self.mean_depth,
+               f'an integer >= mean_depth ({self.mean_depth})')
+        _check(self, 'n_embd', self.n_embd % self.n_head == 0, f'a multiple of n_head ({self.n_head})')
+        _check(self, 'inject', self.inject in INJECT, f'one of {INJECT}')
+        _check(self, 'init_state', self.init_state in INIT_STATE, f'one of {INIT_STATE}')
+        _check(self, 'state_std', isinstance(self.state_std, (int, float)) and self.state_std > 0, 'a number > 0')
+        _check(self, 'dropout', isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, 'a number in [0, 1)')
+
+    @property
+    def n_layer(self):
+        return self.n_prelude + self.n_loop + self.n_coda
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(config, name, ok, allowed):
+    if not ok:
+        raise ValueError(f"GPTConfig.{name}={getattr(config, name)!r} is not allowed: expected {allowed}")
+
+
+def plain_config(n_layer, **kwargs):
+    """An ordinary n_layer GPT in nanoloop's terms (§1): one pass of the loop, no injection, s_0 = e."""
+    return GPTConfig(n_prelude=0, n_loop=n_layer, n_coda=0, mean_depth=1, max_depth=1, backprop_depth=1,
+                     inject='none', init_state='embed', norm_state=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            prelude=nn.ModuleList([Block(config) for _ in range(config.n_prelude)]),
+            loop=nn.ModuleList([Block(config) for _ in range(config.n_loop)]),
+            coda=nn.ModuleList([Block(config) for _ in range(config.n_coda)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        # Huginn's adapter W: [s; e] (2d) -> d, no bias (§2); the other injections add no parameter
+        self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=False) if config.inject == 'concat' else None
+        self.ln_state = nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm_state else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings (GPT-2)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of residual projections, counting the layers a token passes through at the mean depth
+        depth = config.n_prelude + config.mean_depth * config.n_loop + config.n_coda
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; it does not depend on r. Position embeddings are left out by default, as in nanoGPT."""
+        n_params = sum(p.numel() for p in self.parameters())
+        return n_params - self.transformer.wpe.weight.numel() if non_embedding else n_params
+
+    # -- the three stages (ETD's names), each a unit that compile_loop() can compile on its own --------------------------
+
+    def encode(self, idx, cache=None, pos=0):
+        """Prelude: tokens (B, T) at positions pos.. -> e (B, T, C)."""
+        positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for j, block in enumerate(self.transformer.prelude):
+            x = block(x, None if cache is None else cache.prelude[j], pos)
+        return x
+
+    def loop_step(self, s, e, active=None, held=None, kv=None, pos=0):
+        """One iteration of the loop block (§1): s_i = Loop(inject(s_{i-1}, e)).
+        Per-token depth (§5): where `active` (B, T) is False the state stays, and so does every loop layer's input
+        (kept in `held`), so later positions attend to exactly the latest keys/values of a token that stopped."""
+        x = inject(s, e, self.config.inject, self.adapter)
+        for j, block in enumerate(self.transformer.loop):
+            if held is not None:
+                x = held[j] = x if held[j] is None else freeze_exited(x, held[j], active)
+            x = block(x, None if kv is None else kv[j], pos)
+        x = self.ln_state(x)
+        return x if active is None else freeze_exited(x, s, active)
+
+    def decode(self, s, cache=None, pos=0):
+        """Coda, final norm and tied head: state (B, T, C) -> logits (B, T, V)."""
+        for j, block in enumerate(self.transformer.coda):
+            s = block(s, None if cache is None else cache.coda[j], pos)
+        return self.lm_head(self.transformer.ln_f(s))
+
+    # -- training / evaluation ------------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, num_steps=None, depths=None, generator=None):
+        """(logits (B, T, V), loss or None). Depth: `num_steps` fixes r; else training draws r (§3) and eval uses
+        mean_depth. `depths` (B, T) gives each position its own number of iterations instead (§5)."""
+        r = self._depth(idx, num_steps, depths)
+        e = self.encode(idx)
+        s = init_state(e, self.config.init_state, self.config.state_std, generator)
+        if depths is None:
+            step = lambda s, i: self.loop_step(s, e)
+        else:
+            held = [None] * self.config.n_loop
+            step = lambda s, i: self.loop_step(s, e, depths > i, held)
+        s = truncated_loop(step, s, r, self.config.backprop_depth)
+        logits = self.decode(s)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def _depth(self, idx, num_steps, depths):
+        """Resolve the number of loop iterations to run, checking the caller's arguments."""
+        cfg = self.config
+        if idx.dim() != 2 or idx.size(1) > cfg.block_size:
+            raise ValueError(f"idx must be (B, T) with T <= block_size ({cfg.block_size}), got shape {tuple(idx.shape)}")
+        if depths is not None:
+            if num_steps is not None:
+                raise ValueError("give num_steps or depths, not both")
+            if depths.shape != idx.shape or depths.dtype != torch.long:
+                raise ValueError(f"depths must be a LongTensor of idx's shape {tuple(idx.shape)}, "
+                                 f"got {depths.dtype} {tuple(depths.shape)}")
+            if depths.numel() and (depths.min() < 1 or depths.max() > cfg.max_depth):
+                raise ValueError(f"depths must lie in 1..max_depth ({cfg.max_depth}), "
+                                 f"got {depths.min().item()}..{depths.max().item()}")
+            return int(depths.max()) if depths.numel() else 1
+        if num_steps is None:
+            return sample_depth(cfg.mean_depth, cfg.max_depth) if self.training else cfg.mean_depth
+        if not _is_int(num_steps) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} is not allowed: expected an integer >= 1")
+        return num_steps
+
+    @torch.no_grad()
+    def adaptive_forward(self, idx, targets=None, exit_threshold=5e-4, num_steps=None, exit_rule='kl'):
+        """Per-token early exit in teacher forcing, in one batched pass: every iteration the coda reads every position,
+        a position whose exit rule holds is frozen (§5), and the final logits are exactly forward(idx, depths=depths).
+        -> (logits, loss, depths (B, T)).
+        It approximates decoding: here a position's exit test reads earlier positions' *current* coda states, while a
+        decoder reads their final ones, so the chosen depths (not the logits given them) may differ from generate's."""
+        R = self._depth(idx, num_steps or self.config.max_depth, None)
+        e = self.encode(idx)
+        s = init_state(e, self.config.init_state, self.config.state_std)
+        exit_test = ExitTest(exit_rule, exit_threshold, idx.shape, R, self.config.vocab_size, idx.device)
+        held = [None] * self.config.n_loop
+        for i in range(R):
+            s = self.loop_step(s, e, exit_test.active, held)
+            logits = self.decode(s)
+            if exit_test.update(logits, i):
+                break
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss, exit_test.depths
+
+    # -- decoding --------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache, pos, num_steps, exit_test=None, s0=None):
+        """Positions pos..pos+T-1 through the model, reading and writing `cache`. With an ExitTest each row stops on its
+        own: it is frozen, and once every row stopped its latest keys/values are copied forward (fill_latest).
+        -> (logits (B, T, V), final state (B, T, C))."""
+        e = self.encode(idx, cache, pos)
+        s = init_state(e, self.config.init_state, self.config.state_std) if s0 is None else s0
+        for i in range(num_steps):
+            active = None if exit_test is None else exit_test.active
+            s = self.loop_step(s, e, active, None, cache.loop[i], pos)
+            if exit_test is not None:
+                logits = self.decode(s, cache, pos)
+                if exit_test.update(logits, i) or i == num_steps - 1:
+                    fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # frozen rows wrote stale entries
+                    return logits, s
+        return self.decode(s, cache, pos), s
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
+                 exit_rule='kl', generator=None, warm_start=False, return_logits=False):
+        """KV-cached sampling -> (tokens (B, P + max_new_tokens), depths (B, max_new_tokens)[, logits]).
+        depths[:, j] is the number of iterations run at the position that predicted new token j (the last prompt
+        position for j = 0). The prompt runs at the full depth R = num_steps (default mean_depth) and does not exit
+        early (as Huginn); with exit_threshold every new position stops once its exit rule holds, else at R.
+        warm_start (continuous thought, §5): a position's first state is the previous position's final state.
+        A prompt longer than block_size is cropped from the left; when the window fills up, decoding restarts from
+        the last block_size // 2 tokens (learned positions cannot slide under a cache)."""
+        R = self._depth(idx[:, -self.config.block_size:], num_steps or self.config.mean_depth, None)
+        tokens = idx[:, -self.config.block_size:]
+        if exit_rule not in EXIT_RULES:
+            raise ValueError(f"exit_rule={exit_rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        cache = KVCache(self.config, idx.size(0), R, idx.device, dtype or self.lm_head.weight.dtype)
+        pos, s_prev = self._prefill(tokens, cache, R)
+        all_depths, all_logits = [], []
+        for _ in range(max_new_tokens):
+            if pos == self.config.block_size:  # window full: re-encode the last half block
+                pos, s_prev = self._prefill(tokens[:, -(self.config.block_size // 2):], cache, R)
+            exit_test = None if exit_threshold is None else ExitTest(
+                exit_rule, exit_threshold, (idx.size(0), 1), R, self.config.vocab_size, idx.device)
+            logits, s = self.forward_cached(tokens[:, -1:], cache, pos, R, exit_test, s_prev if warm_start else None)
+            all_depths.append(torch.full_like(tokens[:, -1], R) if exit_test is None else exit_test.depths[:, -1])
+            all_logits.append(logits[:, -1])
+            idx = torch.cat([idx, sample_token(logits[:, -1], temperature, top_k, generator)], dim=1)
+            tokens, pos, s_prev = idx[:, -self.config.block_size:], pos + 1, s
+        depths = torch.stack(all_depths, 1) if all_depths else idx.new_zeros(idx.size(0), 0)
+        return (idx, depths, torch.stack(all_logits, 1)) if return_logits else (idx, depths)
+
+    def _prefill(self, tokens, cache, R):
+        """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token."""
+        if tokens.size(1) == 1:
+            return 0, None
+        _, s = self.forward_cached(tokens[:, :-1], cache, 0, R)
+        return tokens.size(1) - 1, s[:, -1:]
+
+    @classmethod
+    def from_pretrained(cls, source, split='auto', **overrides):
+        """ETD (§4): a pretrained plain GPT ('gpt2'..'gpt2-xl', a transformers GPT2LMHeadModel directory, or a plain
+        nanoloop checkpoint) split into encoder / thinking / decoder, every parameter kept. See etd.py."""
+        from etd import convert_pretrained  # local import: etd.py builds on this file
+        return convert_pretrained(source, split, **overrides)
+
+    # -- training utilities -----------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+
+    def flops_per_token(self, num_steps, backprop_depth=None):
+        """FLOPs per token counted honestly (§6): the forward runs prelude + r loops + coda, the backward (twice the
+        forward's matmul FLOPs) only prelude + the last k loops + coda. backprop_depth=0 counts inference only.
+        A matmul costs 2 FLOPs per weight; attention 4 * T * C per layer (QK^T and AV), as nanoGPT counts it."""
+        cfg = self.config
+        k = cfg.backprop_depth if backprop_depth is None else backprop_depth
+        layer = 2 * 12 * cfg.n_embd ** 2 + 4 * cfg.block_size * cfg.n_embd
+        loop = cfg.n_loop * layer + (2 * 2 * cfg.n_embd ** 2 if cfg.inject == 'concat' else 0)
+        ends = (cfg.n_prelude + cfg.n_coda) * layer + 2 * cfg.n_embd * cfg.vocab_size
+        k_grad = min(num_steps, k)
+        prelude_grad = k_grad > 0 and (cfg.inject != 'none' or num_steps <= k)  # §3 trap: no path back otherwise
+        backward = 2 * (ends - (0 if prelude_grad else cfg.n_prelude * layer) + k_grad * loop) if k_grad else 0
+        return ends + num_steps * loop + backward
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, num_steps, peak_flops=312e12):
+        """Model FLOPs utilization: achieved FLOP/s over peak (A100 bf16 312 TFLOP/s by default, as nanoGPT)."""
+        flops = self.flops_per_token(num_steps) * self.config.block_size * fwdbwd_per_iter
+        return flops / dt / peak_flops
+
+    def compile_loop(self, **kwargs):
+        """torch.compile the three stages separately and keep the loop in Python (§3 trap): a compiled Python loop is
+        unrolled and recompiled for every new r. The compiled functions shadow the methods on this instance only,
+        so state_dict() keeps plain names."""
+        for name in ('encode', 'loop_step', 'decode'):
+            setattr(self, name, torch.compile(getattr(self, name), **kwargs))
+        return self
+
+
+class ExitTest:
+    """Adaptive exit bookkeeping for a batch of positions (§5): after iteration i, positions whose rule held for
+    `patience` iterations in a row stop; depths records how many iterations each one ran (R if it never stopped).
+    The first comparison is against the uniform distribution (Huginn)."""
+
+    def __init__(self, rule, eps, shape, R, vocab_size, device):
+        self.converged, self.patience = EXIT_RULES[rule]
+        self.eps, self.R = eps, R
+        self.active = torch.ones(shape, dtype=torch.bool, device=device)
+        self.streak = torch.zeros(shape, dtype=torch.long, device=device)
+        self.depths = torch.full(shape, R, dtype=torch.long, device=device)
+        self.logp = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)
+
+    def update(self, logits, i):
+        """Record iteration i (0-based); returns True once every position has stopped."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        self.streak = torch.where(self.converged(self.logp, logp, self.eps), self.streak + 1, 0)
+        stop = self.active & (self.streak >= self.patience)
+        self.depths = torch.where(stop, i + 1, self.depths)
+        self.active, self.logp = self.active & ~stop, logp
+        return not self.active.any()
