@@ -100,8 +100,24 @@ def argmax_converged(logp_prev, logp, eps):
     return logp.argmax(-1) == logp_prev.argmax(-1)
 
 
-# rule name -> (test, iterations in a row the test must hold). Huginn's argmax rule waits for 5 stable iterations.
-EXIT_RULES = {'kl': (kl_converged, 1), 'entropy': (entropy_converged, 1), 'argmax-stable': (argmax_converged, 5)}
+def act_halted(remaining, eps):
+    """ETD's learned exit (§5, ACT-style): halt once the cumulative halting probability 1 - prod_j (1 - lambda_j)
+    reaches 1 - eps (ETD: 0.99), i.e. once the probability of still running, `remaining`, is at most eps."""
+    return remaining <= eps
+
+
+def halting_distribution(lam):
+    """ACT (Graves 2016): the probability of halting exactly at iteration i, lambda_i * prod_{j<i} (1 - lambda_j),
+    with what is left at the last iteration added to it so the distribution sums to 1. lam: (R, ...) -> (R, ...)."""
+    running = torch.cumprod(1 - lam, dim=0)
+    before = torch.cat([torch.ones_like(running[:1]), running[:-1]])
+    return torch.cat([lam[:-1] * before[:-1], before[-1:]])
+
+
+# rule name -> (test, iterations in a row the test must hold). Huginn's argmax rule waits for 5 stable iterations;
+# 'router' needs a model with a trained halting router (config.router) and reads no logits.
+EXIT_RULES = {'kl': (kl_converged, 1), 'entropy': (entropy_converged, 1), 'argmax-stable': (argmax_converged, 5),
+              'router': (act_halted, 1)}
 
 
 def sample_token(logits, temperature=1.0, top_k=None, generator=None):
@@ -208,6 +224,8 @@ class GPTConfig:
     norm_state: bool = True      # LayerNorm the state after every iteration: keeps its scale bounded for any r (§3 trap)
     dropout: float = 0.0
     bias: bool = False           # biases in Linears and LayerNorms (GPT-2 has them)
+    router: bool = False         # add ETD's halting router (Linear(d->1) + sigmoid on the state) for exit_rule='router'
+    router_cost: float = 0.01    # its training objective's price of one more iteration, in nats per token
 
     def __post_init__(self):
         positive = 'an integer >= 1'
@@ -222,6 +240,7 @@ class GPTConfig:
         _check(self, 'init_state', self.init_state in INIT_STATE, f'one of {INIT_STATE}')
         _check(self, 'state_std', isinstance(self.state_std, (int, float)) and self.state_std > 0, 'a number > 0')
         _check(self, 'dropout', isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, 'a number in [0, 1)')
+        _check(self, 'router_cost', isinstance(self.router_cost, (int, float)) and self.router_cost >= 0, 'a number >= 0')
 
     @property
     def n_layer(self):
@@ -264,6 +283,7 @@ class GPT(nn.Module):
         # Huginn's adapter W: [s; e] (2d) -> d, no bias (§2); the other injections add no parameter
         self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=False) if config.inject == 'concat' else None
         self.ln_state = nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm_state else nn.Identity()
+        self.router = nn.Linear(config.n_embd, 1) if config.router else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings (GPT-2)
         self.apply(self._init_weights)
@@ -322,15 +342,35 @@ class GPT(nn.Module):
         r = self._depth(idx, num_steps, depths)
         e = self.encode(idx)
         s = init_state(e, self.config.init_state, self.config.state_std, generator)
-        if depths is None:
-            step = lambda s, i: self.loop_step(s, e)
-        else:
-            held = [None] * self.config.n_loop
-            step = lambda s, i: self.loop_step(s, e, depths > i, held)
+        held, states = [None] * self.config.n_loop, []
+        train_router = self.router is not None and targets is not None and self.training
+
+        def step(s, i):
+            s = self.loop_step(s, e) if depths is None else self.loop_step(s, e, depths > i, held)
+            if train_router:
+                states.append(s.detach())
+            return s
         s = truncated_loop(step, s, r, self.config.backprop_depth)
         logits = self.decode(s)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if train_router:
+            loss = loss + self.router_loss(states, targets)
         return logits, loss
+
+    def halt_prob(self, s):
+        """ETD's halting router: lambda = sigmoid(w . s + b) per token, read from the state after an iteration."""
+        return torch.sigmoid(self.router(s).squeeze(-1).float())
+
+    def router_loss(self, states, targets):
+        """Our training objective for the router (ETD does not publish one; §5): ACT's expected loss plus a price per
+        iteration, E_halt[CE_i + router_cost * i], with the per-iteration losses CE_i measured without gradient and
+        the states detached, so only the router learns and the language model's training is untouched."""
+        with torch.no_grad():
+            ce = torch.stack([F.cross_entropy(self.decode(s).flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                              reduction='none').view_as(targets) for s in states])     # (R, B, T)
+        halt = halting_distribution(torch.stack([self.halt_prob(s) for s in states]))          # (R, B, T)
+        cost = torch.arange(1, len(states) + 1, device=ce.device).view(-1, 1, 1) * self.config.router_cost
+        return (halt * (ce + cost)).sum(0).mean()
 
     def _depth(self, idx, num_steps, depths):
         """Resolve the number of loop iterations to run, checking the caller's arguments."""
@@ -363,13 +403,13 @@ class GPT(nn.Module):
         R = self._depth(idx, num_steps or self.config.max_depth, None)
         e = self.encode(idx)
         s = init_state(e, self.config.init_state, self.config.state_std)
-        exit_test = ExitTest(exit_rule, exit_threshold, idx.shape, R, self.config.vocab_size, idx.device)
+        exit_test = ExitTest(self, exit_rule, exit_threshold, idx.shape, R)
         held = [None] * self.config.n_loop
         for i in range(R):
             s = self.loop_step(s, e, exit_test.active, held)
-            logits = self.decode(s)
-            if exit_test.update(logits, i):
+            if exit_test.update(s, i):
                 break
+        logits = self.decode(s)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss, exit_test.depths
 
@@ -383,14 +423,11 @@ class GPT(nn.Module):
         e = self.encode(idx, cache, pos)
         s = init_state(e, self.config.init_state, self.config.state_std) if s0 is None else s0
         for i in range(num_steps):
-            active = None if exit_test is None else exit_test.active
-            s = self.loop_step(s, e, active, None, cache.loop[i], pos)
-            if exit_test is not None:
-                logits = self.decode(s, cache, pos)
-                if exit_test.update(logits, i) or i == num_steps - 1:
-                    fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # frozen rows wrote stale entries
-                    return logits, s
-        return self.decode(s, cache, pos), s
+            s = self.loop_step(s, e, None if exit_test is None else exit_test.active, None, cache.loop[i], pos)
+            if exit_test is not None and (exit_test.update(s, i, cache, pos) or i == num_steps - 1):
+                fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # rows that stopped wrote stale entries
+                break
+        return self.decode(s, cache, pos), s  # the last coda write at pos is from the final state
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
@@ -404,8 +441,6 @@ class GPT(nn.Module):
         the last block_size // 2 tokens (learned positions cannot slide under a cache)."""
         R = self._depth(idx[:, -self.config.block_size:], num_steps or self.config.mean_depth, None)
         tokens = idx[:, -self.config.block_size:]
-        if exit_rule not in EXIT_RULES:
-            raise ValueError(f"exit_rule={exit_rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
         cache = KVCache(self.config, idx.size(0), R, idx.device, dtype or self.lm_head.weight.dtype)
         pos, s_prev = self._prefill(tokens, cache, R)
@@ -413,8 +448,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if pos == self.config.block_size:  # window full: re-encode the last half block
                 pos, s_prev = self._prefill(tokens[:, -(self.config.block_size // 2):], cache, R)
-            exit_test = None if exit_threshold is None else ExitTest(
-                exit_rule, exit_threshold, (idx.size(0), 1), R, self.config.vocab_size, idx.device)
+            exit_test = None if exit_threshold is None else ExitTest(self, exit_rule, exit_threshold, (idx.size(0), 1), R)
             logits, s = self.forward_cached(tokens[:, -1:], cache, pos, R, exit_test, s_prev if warm_start else None)
             all_depths.append(torch.full_like(tokens[:, -1], R) if exit_test is None else exit_test.depths[:, -1])
             all_logits.append(logits[:, -1])
@@ -478,21 +512,34 @@ class GPT(nn.Module):
 class ExitTest:
     """Adaptive exit bookkeeping for a batch of positions (§5): after iteration i, positions whose rule held for
     `patience` iterations in a row stop; depths records how many iterations each one ran (R if it never stopped).
-    The first comparison is against the uniform distribution (Huginn)."""
+    Distribution rules compare each iteration's next-token distribution with the previous one, the first time with
+    the uniform distribution (Huginn); the router rule reads only the state."""
 
-    def __init__(self, rule, eps, shape, R, vocab_size, device):
+    def __init__(self, model, rule, eps, shape, R):
+        if rule not in EXIT_RULES:
+            raise ValueError(f"exit_rule={rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
+        if rule == 'router' and model.router is None:
+            raise ValueError("exit_rule='router' needs a model trained with router=True; this one has no halting "
+                             "router (use kl, entropy or argmax-stable)")
+        device, V = model.lm_head.weight.device, model.config.vocab_size
+        self.model, self.rule, self.eps = model, rule, eps
         self.converged, self.patience = EXIT_RULES[rule]
-        self.eps, self.R = eps, R
         self.active = torch.ones(shape, dtype=torch.bool, device=device)
         self.streak = torch.zeros(shape, dtype=torch.long, device=device)
         self.depths = torch.full(shape, R, dtype=torch.long, device=device)
-        self.logp = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)
+        self.logp = torch.full((*shape, V), -math.log(V), device=device) if rule != 'router' else None
+        self.remaining = torch.ones(shape, device=device)  # router: probability of not having halted yet
 
-    def update(self, logits, i):
-        """Record iteration i (0-based); returns True once every position has stopped."""
-        logp = F.log_softmax(logits.float(), dim=-1)
-        self.streak = torch.where(self.converged(self.logp, logp, self.eps), self.streak + 1, 0)
+    def update(self, s, i, cache=None, pos=0):
+        """Test the state after iteration i (0-based); returns True once every position has stopped."""
+        if self.rule == 'router':
+            self.remaining = self.remaining * (1 - self.model.halt_prob(s))
+            holds = self.converged(self.remaining, self.eps)
+        else:
+            logp = F.log_softmax(self.model.decode(s, cache, pos).float(), dim=-1)
+            holds, self.logp = self.converged(self.logp, logp, self.eps), logp
+        self.streak = torch.where(holds, self.streak + 1, 0)
         stop = self.active & (self.streak >= self.patience)
         self.depths = torch.where(stop, i + 1, self.depths)
-        self.active, self.logp = self.active & ~stop, logp
+        self.active = self.active & ~stop
         return not self.active.any()

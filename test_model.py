@@ -1,0 +1,374 @@
+"""
+Properties of model.py, one per test. Tiny fp32 CPU models, no network: `python -m pytest -q test_model.py`.
+The method's functions are reached as `model.<name>` at call time, so exercises/ can swap a student's version in.
+"""
+
+import math
+
+import pytest
+import torch
+
+import model
+from model import GPT, GPTConfig
+
+V = 50  # vocabulary of the tiny test models
+
+
+def tiny(**kwargs):
+    """A tiny looped model in eval mode with a deterministic initial state (zeros, or e when nothing is injected)."""
+    torch.manual_seed(0)
+    inject = kwargs.get('inject', 'concat')
+    cfg = dict(block_size=32, vocab_size=V, n_embd=32, n_head=4, n_prelude=1, n_loop=2, n_coda=1, mean_depth=3,
+               max_depth=8, backprop_depth=2, init_state='embed' if inject == 'none' else 'zeros')
+    return GPT(GPTConfig(**{**cfg, **kwargs})).eval()
+
+
+def lively(gpt, std=0.25):
+    """Larger random weights, so successive iterations change the prediction and early exit picks varied depths."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return gpt
+
+
+def tokens(B=2, T=12, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --- configuration ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('field, value', [
+    ('n_embd', 30), ('n_head', 0), ('n_prelude', -1), ('n_coda', -1), ('n_loop', 0), ('mean_depth', 0),
+    ('backprop_depth', 0), ('max_depth', 2), ('inject', 'mul'), ('init_state', 'ones'), ('state_std', 0.0),
+    ('dropout', 1.0), ('block_size', 0), ('mean_depth', 2.5)])
+def test_impossible_config_raises_valueerror_naming_the_field(field, value):
+    """Every impossible GPTConfig fails at construction with one line naming the field and its value."""
+    with pytest.raises(ValueError) as err:
+        GPTConfig(**{**dict(n_embd=32, n_head=4, mean_depth=3, max_depth=8), field: value})
+    message = str(err.value)
+    assert field in message and repr(value) in message and '\n' not in message, message
+
+
+def test_parameter_count_does_not_depend_on_depth():
+    """Depth is a run-time choice: mean/max depth change no parameter, and running deeper creates none."""
+    counts = {tiny(mean_depth=m, max_depth=64).get_num_params() for m in (1, 4, 32)}
+    assert len(counts) == 1, counts
+    gpt = tiny()
+    before = [p.shape for p in gpt.parameters()]
+    gpt(tokens(), num_steps=20)
+    assert [p.shape for p in gpt.parameters()] == before
+
+
+# --- the method's functions ---------------------------------------------------------------------------------------------
+
+def test_depth_sampler_mean_is_mean_depth_plus_one_and_respects_the_cap():
+    """Log-normal Poisson + 1 (§3): E[r] = mean_depth + 1; every draw lies in 1..max_depth."""
+    g = torch.Generator().manual_seed(0)
+    draws = [model.sample_depth(8, 1000, generator=g) for _ in range(4000)]
+    assert abs(sum(draws) / len(draws) - 9) < 0.4, sum(draws) / len(draws)
+    capped = [model.sample_depth(8, 10, generator=g) for _ in range(2000)]
+    assert min(capped) >= 1 and max(capped) == 10
+
+
+def test_depth_sampler_is_reproducible_from_a_seed():
+    """The same seed gives the same depths (what makes DDP ranks and resume agree)."""
+    draw = lambda: [model.sample_depth(4, 32, generator=torch.Generator().manual_seed(s)) for s in range(50)]
+    assert draw() == draw() and len(set(draw())) > 3
+
+
+def test_noise_state_is_reproducible_with_a_generator():
+    """init_state='noise' is random per call, yet exact given a seeded generator."""
+    gpt = tiny(init_state='noise', state_std=0.5)
+    x = tokens()
+    run = lambda seed: gpt(x, generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+
+
+def test_noise_state_is_a_truncated_normal_of_the_configured_std():
+    """Huginn's s_0 (§2): mean 0, the configured std, nothing beyond 3 std."""
+    e = torch.zeros(64, 64, 32)
+    s = model.init_state(e, 'noise', 0.1, torch.Generator().manual_seed(0))
+    assert s.shape == e.shape and s.abs().max() <= 0.3 + 1e-6
+    assert abs(s.mean()) < 0.005 and 0.08 < s.std() < 0.1
+
+
+def test_kl_exit_clamps_negative_kl_so_threshold_zero_never_exits():
+    """Identical distributions give KL ~ 0 (or -1e-7 in fp32): with eps 0 that must not count as converged."""
+    logp = torch.log_softmax(torch.randn(4, 1, V) * 10, -1)
+    assert not model.kl_converged(logp, logp.clone(), 0.0).any()
+    assert model.kl_converged(logp, logp.clone(), 1e-6).all()
+
+
+# --- forward ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('r', [1, 3, 7])
+def test_changing_later_tokens_never_changes_earlier_logits(r):
+    """Causality holds at every depth: the loop mixes positions only through causal attention."""
+    gpt = lively(tiny())
+    x = tokens(T=16)
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % V
+    a, b = gpt(x, num_steps=r)[0], gpt(y, num_steps=r)[0]
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def plain_reference(gpt, idx):
+    """An ordinary GPT-2 forward through the same blocks in sequence: embeddings, every block, final norm, head."""
+    t = gpt.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+    for block in [*t.prelude, *t.loop, *t.coda]:
+        x = block(x)
+    return gpt.lm_head(t.ln_f(x))
+
+
+def test_one_iteration_without_injection_is_a_plain_gpt():
+    """r = 1, inject none, init embed, no state norm is exactly the n_prelude + n_loop + n_coda layer GPT (§1)."""
+    gpt = lively(tiny(inject='none', init_state='embed', norm_state=False), std=0.05)
+    x = tokens()
+    assert torch.allclose(gpt(x, num_steps=1)[0], plain_reference(gpt, x), atol=1e-6)
+    plain = GPT(model.plain_config(4, block_size=32, vocab_size=V, n_embd=32, n_head=4))
+    plain.load_state_dict(dict(zip(plain.state_dict(), gpt.state_dict().values())))  # same order, same shapes
+    plain.eval()
+    assert torch.allclose(plain(x)[0], plain_reference(gpt, x), atol=1e-6)
+
+
+def test_eval_uses_mean_depth_and_training_draws_a_depth():
+    """num_steps=None: eval runs mean_depth iterations; training draws r (so it varies), capped at max_depth."""
+    gpt = lively(tiny())
+    x = tokens()
+    assert torch.equal(gpt(x)[0], gpt(x, num_steps=3)[0])
+    calls, step = [], gpt.loop_step
+    gpt.loop_step = lambda *args: calls.append(1) or step(*args)
+    depths = []
+    for _ in range(20):
+        calls.clear()
+        gpt.train()(x)
+        depths.append(len(calls))
+    assert len(set(depths)) > 2 and max(depths) <= gpt.config.max_depth, depths
+
+
+def grads(gpt, loss):
+    gpt.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in gpt.named_parameters() if p.grad is not None}
+
+
+def test_truncated_backprop_equals_detaching_after_r_minus_k_iterations():
+    """The gradient is exactly that of: r - k iterations, detach, k iterations with autograd (§3)."""
+    gpt = lively(tiny(backprop_depth=2), std=0.05).train()
+    x, y = tokens(), tokens(seed=1)
+    got = grads(gpt, gpt(x, y, num_steps=5)[1])
+    e = gpt.encode(x)
+    s = torch.zeros_like(e)
+    for _ in range(3):
+        s = gpt.loop_step(s, e)
+    s = s.detach()
+    for _ in range(2):
+        s = gpt.loop_step(s, e)
+    logits = gpt.decode(s)
+    want = grads(gpt, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+def test_activation_memory_does_not_grow_with_depth():
+    """Only the last k iterations are recorded: the autograd graph has the same size at r = 4 and r = 40."""
+    gpt = tiny(backprop_depth=2).train()
+
+    def graph_size(r):
+        _, loss = gpt(tokens(), tokens(seed=1), num_steps=r)
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                todo += [f for f, _ in fn.next_functions]
+        return len(seen)
+    assert graph_size(4) == graph_size(40)
+
+
+@pytest.mark.parametrize('inject', ['concat', 'add'])
+def test_loop_and_prelude_weights_get_gradient(inject):
+    """The loop's shared weights learn, and the prelude learns through the injection even when r > k."""
+    gpt = tiny(inject=inject, backprop_depth=2).train()
+    g = grads(gpt, gpt(tokens(), tokens(seed=1), num_steps=6)[1])
+    for part in ('prelude', 'loop', 'coda'):
+        assert any(n.startswith(f'transformer.{part}.') and v.abs().sum() > 0 for n, v in g.items()), part
+
+
+def test_loop_weights_get_gradient_under_bf16_autocast():
+    """§3 trap: autocast's weight cache filled in the no-grad iterations must not cut the loop off from its gradient."""
+    gpt = tiny(backprop_depth=2).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=False):
+        _, loss = gpt(tokens(), tokens(seed=1), num_steps=6)
+    g = grads(gpt, loss)
+    assert g['transformer.loop.0.attn.c_attn.weight'].abs().sum() > 0
+
+
+def test_flops_count_forward_r_and_backward_k():
+    """§6: past k, one more iteration adds exactly one forward pass of the loop; within k, forward + backward."""
+    gpt = tiny(backprop_depth=2)
+    f = gpt.flops_per_token
+    one_loop = f(6, backprop_depth=0) - f(5, backprop_depth=0)
+    assert f(6) - f(5) == one_loop
+    assert f(2) - f(1) == 3 * one_loop
+    assert gpt.estimate_mfu(1, 1.0, 3, peak_flops=1.0) == f(3) * 32
+
+
+# --- per-token depth ----------------------------------------------------------------------------------------------------
+
+def test_uniform_per_token_depths_equal_a_fixed_depth():
+    """forward(depths=full(r)) is forward(num_steps=r)."""
+    gpt = lively(tiny())
+    x = tokens()
+    for r in (1, 4):
+        a = gpt(x, depths=torch.full_like(x, r))[0]
+        assert torch.allclose(a, gpt(x, num_steps=r)[0], atol=1e-6)
+
+
+def test_a_frozen_position_still_shows_its_latest_keys_to_later_positions():
+    """Stopping token 0 early changes token 0's logits (it is frozen) and, through its keys, the logits after it."""
+    gpt = lively(tiny())
+    x = tokens()
+    deep = torch.full_like(x, 5)
+    early = deep.clone()
+    early[:, 0] = 2
+    a, b = gpt(x, depths=deep)[0], gpt(x, depths=early)[0]
+    assert torch.allclose(b[:, 0], gpt(x[:, :1], num_steps=2)[0][:, 0], atol=1e-6)
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+
+
+@pytest.mark.parametrize('kwargs, word', [
+    (dict(num_steps=3, depths='full'), 'not both'), (dict(depths='short'), 'shape'), (dict(depths='zero'), '1..'),
+    (dict(depths='big'), '1..'), (dict(depths='float'), 'LongTensor'), (dict(num_steps=0), 'num_steps')])
+def test_bad_depth_arguments_raise_valueerror(kwargs, word):
+    """depths with num_steps, a wrong shape or dtype, values out of 1..max_depth, or num_steps < 1 are refused."""
+    gpt = tiny()
+    x = tokens()
+    make = {'full': torch.full_like(x, 2), 'short': torch.ones(2, 3, dtype=torch.long), 'zero': torch.zeros_like(x),
+            'big': torch.full_like(x, 99), 'float': torch.ones(x.shape)}
+    kwargs = {k: make.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=word):
+        gpt(x, **kwargs)
+
+
+# --- decoding -----------------------------------------------------------------------------------------------------------
+
+def test_cached_generation_equals_the_full_forward_at_fixed_depth():
+    """KV-cached decoding gives the logits of recomputing everything (prompt of several tokens)."""
+    gpt = lively(tiny())
+    out, depths, logits = gpt.generate(tokens(T=5), 10, num_steps=4, return_logits=True)
+    full = gpt(out[:, :-1], num_steps=4)[0]
+    assert torch.allclose(logits, full[:, 4:], atol=1e-5)
+    assert out.shape == (2, 15) and (depths == 4).all()
+
+
+@pytest.mark.parametrize('inject', ['concat', 'add', 'none'])
+def test_early_exit_cached_generation_equals_forward_with_its_depths(inject):
+    """The exact test of the early-exit cache (§5): decoding with exits equals forward(out[:, :-1], depths=depths)."""
+    gpt = lively(tiny(inject=inject))
+    varied = False
+    for eps in (1e-3, 1e-2, 5e-2):
+        out, depths, logits = gpt.generate(tokens(B=4, T=1), 12, num_steps=8, exit_threshold=eps, return_logits=True)
+        full = gpt(out[:, :-1], depths=depths)[0]
+        assert (full - logits).abs().max() <= 1e-5, (inject, eps, (full - logits).abs().max())
+        varied |= len(depths.unique()) > 2 and len(depths[:, 0].unique()) > 1
+    assert varied, 'the thresholds should make rows exit at different depths'
+
+
+def test_threshold_zero_runs_every_token_to_full_depth_and_a_huge_one_stops_at_one():
+    """eps = 0 never exits (KL is clamped at 0); an enormous eps exits after the first iteration."""
+    gpt = lively(tiny())
+    assert (gpt.generate(tokens(T=3), 6, num_steps=5, exit_threshold=0.0)[1] == 5).all()
+    assert (gpt.generate(tokens(T=3), 6, num_steps=5, exit_threshold=1e9)[1] == 1).all()
+
+
+def test_a_batch_generates_what_each_row_generates_alone():
+    """Rows exit on their own: a row's tokens and depths do not depend on its neighbours."""
+    gpt = lively(tiny())
+    prompts = tokens(B=3, T=1)
+    out, depths = gpt.generate(prompts, 10, num_steps=8, exit_threshold=1e-2, temperature=0)
+    for b in range(3):
+        row, row_depths = gpt.generate(prompts[b:b + 1], 10, num_steps=8, exit_threshold=1e-2, temperature=0)
+        assert torch.equal(row, out[b:b + 1]) and torch.equal(row_depths, depths[b:b + 1])
+
+
+def test_long_prompts_are_cropped_and_generation_runs_past_the_block_size():
+    """A prompt longer than block_size keeps its last block_size tokens; decoding continues past the window."""
+    gpt = tiny()
+    out, depths = gpt.generate(tokens(T=40), 30, num_steps=2)
+    assert out.shape == (2, 70) and depths.shape == (2, 30)
+    assert torch.equal(out[:, :40], tokens(T=40))
+
+
+def test_teacher_forced_exit_threshold_zero_is_max_depth_and_huge_is_one():
+    """adaptive_forward: eps 0 runs every position to the cap, a huge eps stops each after one iteration,
+    and its logits are forward(depths=...) for the depths it chose."""
+    gpt = lively(tiny())
+    x = tokens()
+    assert (gpt.adaptive_forward(x, exit_threshold=0.0, num_steps=6)[2] == 6).all()
+    assert (gpt.adaptive_forward(x, exit_threshold=1e9, num_steps=6)[2] == 1).all()
+    logits, _, depths = gpt.adaptive_forward(x, exit_threshold=1e-2, num_steps=6)
+    assert torch.allclose(logits, gpt(x, depths=depths)[0], atol=1e-5)
+
+
+def test_unknown_exit_rule_is_refused():
+    with pytest.raises(ValueError, match='exit_rule'):
+        tiny().generate(tokens(T=1), 2, exit_threshold=0.1, exit_rule='vibes')
+
+
+# --- compilation --------------------------------------------------------------------------------------------------------
+
+def test_changing_depth_every_step_causes_no_recompilation():
+    """compile_loop compiles the stages, not the loop (§3 trap): after warm-up, new r values never recompile."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    gpt = tiny(backprop_depth=2).train().compile_loop(backend='eager')
+    x, y = tokens(), tokens(seed=1)
+    gpt(x, y, num_steps=3)[1].backward()  # warm-up: both the no-grad and the grad iteration
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for r in (1, 2, 5, 9, 17, 4):
+            gpt(x, y, num_steps=r)[1].backward()
+    assert 'encode' not in gpt.state_dict() and all('_orig_mod' not in k for k in gpt.state_dict())
+
+
+# --- the halting router (ETD-style learned exit) ------------------------------------------------------------------------
+
+def test_halting_distribution_sums_to_one():
+    """ACT's halting distribution puts all probability somewhere in 1..R."""
+    lam = torch.rand(6, 3, 5)
+    p = model.halting_distribution(lam)
+    assert torch.allclose(p.sum(0), torch.ones(3, 5)) and (p >= 0).all()
+    assert torch.allclose(p[0], lam[0])
+
+
+def test_router_learns_alone_and_leaves_the_language_model_gradient_unchanged():
+    """The router's loss reaches only the router: every other gradient equals the router-free model's."""
+    gpt = tiny(router=True).train()
+    x, y = tokens(), tokens(seed=1)
+    with_router = grads(gpt, gpt(x, y, num_steps=4)[1])
+    router, gpt.router = gpt.router, None
+    without = grads(gpt, gpt(x, y, num_steps=4)[1])
+    gpt.router = router
+    assert with_router['router.weight'].abs().sum() > 0
+    for name, g in without.items():
+        assert torch.allclose(with_router[name], g, atol=1e-7), name
+
+
+def test_router_exit_needs_a_router_and_its_cache_matches_the_forward():
+    """exit_rule='router' is refused without a router; with one, eps 0 never halts, and decoding equals forward(depths)."""
+    with pytest.raises(ValueError, match='router'):
+        tiny().generate(tokens(T=1), 2, exit_threshold=0.1, exit_rule='router')
+    gpt = lively(tiny(router=True))
+    assert (gpt.generate(tokens(T=1), 4, num_steps=5, exit_threshold=0.0, exit_rule='router')[1] == 5).all()
+    with torch.no_grad():
+        gpt.router.bias.fill_(-1.0)  # halt with probability ~ 1/4 per iteration: varied depths
+    out, depths, logits = gpt.generate(tokens(B=4, T=1), 10, num_steps=8, exit_threshold=0.3, exit_rule='router',
+                                       return_logits=True)
+    assert len(depths.unique()) > 1
+    assert (gpt(out[:, :-1], depths=depths)[0] - logits).abs().max() <= 1e-5
