@@ -1,0 +1,224 @@
+"""train.py on tiny CPU configs: checkpoints, exact resume, the eval log, depth draws, errors. No network."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models run fastest on one thread; two threads spin against each other when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_dataset(data_dir, name='tiny', vocab=12, n=3000):
+    """A char-level dataset in nanoGPT's format: noisy counting mod vocab, so a loss can fall in a few steps."""
+    rng = np.random.default_rng(0)
+    ids = (np.arange(n) + (rng.random(n) < 0.1)) % vocab
+    out = os.path.join(data_dir, name)
+    os.makedirs(out, exist_ok=True)
+    ids[: int(0.9 * n)].astype(np.uint16).tofile(os.path.join(out, 'train.bin'))
+    ids[int(0.9 * n):].astype(np.uint16).tofile(os.path.join(out, 'val.bin'))
+    chars = 'abcdefghijklmnopqrstuvwxyz'[:vocab]
+    with open(os.path.join(out, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': vocab, 'itos': dict(enumerate(chars)),
+                     'stoi': {c: i for i, c in enumerate(chars)}}, f)
+
+
+def tiny_config(tmp_path, **overrides):
+    """A config dict for a model of a few thousand parameters, evaluated every 4 steps, with a fresh dataset."""
+    make_dataset(str(tmp_path / 'data'))
+    tiny = dict(dataset='tiny', data_dir=str(tmp_path / 'data'), out_dir=str(tmp_path / 'out'), n_embd=32, n_head=2,
+                block_size=16, batch_size=4, mean_depth=2, max_depth=4, backprop_depth=2, eval_iters=2,
+                eval_interval=4, log_interval=1, max_iters=8, lr_decay_iters=8, warmup_iters=2, learning_rate=1e-2,
+                compile=False, device='cpu', dtype='float32', sample_tokens=0)
+    return dict(train.DEFAULTS, **dict(tiny, **overrides))
+
+
+def run_script(*args, cwd=ROOT):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One tiny run shared by the checkpoint / log tests: (config, history, stdout)."""
+    tmp_path = tmp_path_factory.mktemp('run')
+    cfg = tiny_config(tmp_path, sample_tokens=20)
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        history = train.train(cfg)
+    return cfg, history, out.getvalue()
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(trained):
+    """ckpt.pt loads with weights_only=True and its state_dict fits GPT(GPTConfig(**model_args)) exactly."""
+    cfg, _, _ = trained
+    ckpt = torch.load(os.path.join(cfg['out_dir'], 'ckpt.pt'), map_location='cpu', weights_only=True)
+    assert ckpt['iter_num'] == cfg['max_iters'], 'the last evaluation should have saved the final step'
+    assert ckpt['config']['dataset'] == 'tiny'
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])  # strict: no missing, unexpected or _orig_mod. keys
+    assert all(k in ckpt for k in ('optimizer', 'best_val_loss', 'rng', 'tokens_seen'))
+    assert not os.path.exists(os.path.join(cfg['out_dir'], 'ckpt.pt.tmp')), 'the temp file must be renamed away'
+
+
+def test_training_lowers_the_loss(trained):
+    """The tiny run learns something: the last logged loss is below the first."""
+    _, history, _ = trained
+    assert history[-1][1] < history[0][1] - 0.1, f"loss did not fall: {history}"
+
+
+def test_log_has_a_row_per_depth_and_an_adaptive_row(trained):
+    """log.jsonl: one object per evaluation, with val loss at depths 1, mean/2, mean, 2*mean and adaptive exit."""
+    cfg, _, stdout = trained
+    with open(os.path.join(cfg['out_dir'], 'log.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r['iter'] for r in rows] == [0, 4, 8]
+    for row in rows:
+        assert sorted(row['val_loss'], key=int) == ['1', '2', '4'], 'mean 2, max 4: depths {1, 1, 2, 4} deduplicated'
+        assert sorted(row['train_loss'], key=int) == ['1', '2', '4']
+        assert 1 <= row['adaptive']['mean_depth'] <= cfg['max_depth']
+        assert np.isfinite(row['adaptive']['val_loss']) and row['adaptive']['exit_rule'] == 'kl'
+        assert {'lr', 'tokens', 'time_s'} <= set(row)
+    assert rows[-1]['tokens'] == 8 * 4 * 16
+    assert '--- sample' in stdout and 'adaptive' in stdout
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Steps 5..8 after resuming from step 4 give bit-identical losses to an uninterrupted 8-step run
+    (noise initial state and dropout both draw from the restored RNG)."""
+    common = dict(always_save_checkpoint=True, dropout=0.1, init_state='noise')
+    whole = train.train(tiny_config(tmp_path / 'a', **common))
+    half_cfg = tiny_config(tmp_path / 'b', **common, max_iters=4)
+    first = train.train(half_cfg)
+    second = train.train(dict(half_cfg, max_iters=8, init_from='resume'))
+    assert first + second == whole, f"resume diverged:\n{first + second}\n{whole}"
+    with open(os.path.join(half_cfg['out_dir'], 'log.jsonl')) as f:
+        assert [json.loads(line)['iter'] for line in f] == [0, 4, 8], 'a resume must not repeat its evaluation'
+
+
+def test_depth_draw_is_the_same_on_every_rank_and_varies_over_steps():
+    """depth_for_step ignores the global RNG (ranks seed it differently) and the order of calls (resume)."""
+    draws = []
+    for rank_seed in (0, 1):  # two simulated ranks
+        torch.manual_seed(rank_seed)
+        draws.append([train.depth_for_step(step, 1337, 4, 16) for step in range(40)])
+    assert draws[0] == draws[1]
+    assert draws[0][::-1] == [train.depth_for_step(step, 1337, 4, 16) for step in reversed(range(40))]
+    assert len(set(draws[0])) > 2, f"r should vary across steps: {draws[0]}"
+    assert all(1 <= r <= 16 for r in draws[0])
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A nan loss at step 6 stops with exit 1 and one 'error:' line; ckpt.pt still holds step 4's finite weights."""
+    real_step, calls = train.train_step, []
+
+    def poisoned_step(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float('nan') if len(calls) >= 6 else loss
+
+    monkeypatch.setattr(train, 'train_step', poisoned_step)
+    cfg = tiny_config(tmp_path, always_save_checkpoint=True)
+    argv = [f'--{k}={v}' for k, v in cfg.items() if v != train.DEFAULTS[k]]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert 'error: loss became nan/inf at or before iter 6' in err and 'Traceback' not in err
+    ckpt = torch.load(os.path.join(cfg['out_dir'], 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
+
+
+def test_config_file_then_command_line_override_defaults(tmp_path):
+    """configure(): a config file overrides the defaults, --key=value overrides the file; int is fine for a float."""
+    path = tmp_path / 'my_config.py'
+    path.write_text("import math\nbatch_size = 7\nlearning_rate = 1\nout_dir = 'x'\n")
+    cfg = train.configure(train.DEFAULTS, [str(path), '--out_dir=y', '--compile=True'])
+    assert (cfg['batch_size'], cfg['learning_rate'], cfg['out_dir'], cfg['compile']) == (7, 1.0, 'y', True)
+    assert type(cfg['learning_rate']) is float
+    with pytest.raises(ValueError, match="batch_size=True .* expected int"):
+        train.configure(train.DEFAULTS, ['--batch_size=True'])
+
+
+def test_shipped_config_files_are_valid():
+    """Every config/*.py only sets known keys with the right types."""
+    config_dir = os.path.join(ROOT, 'config')
+    names = sorted(f for f in os.listdir(config_dir) if f.endswith('.py'))
+    assert 'train_shakespeare_char.py' in names
+    for name in names:
+        train.configure(train.DEFAULTS, [os.path.join(config_dir, name)])
+
+
+def test_cpu_config_restates_the_defaults():
+    """config/train_shakespeare_char_cpu.py is the CPU demo `python train.py` runs (device keys aside)."""
+    values = train.read_config_file(os.path.join(ROOT, 'config', 'train_shakespeare_char_cpu.py'))
+    differ = {k: (v, train.DEFAULTS[k]) for k, v in values.items()
+              if v != train.DEFAULTS[k] and k not in ('device', 'dtype', 'compile')}
+    assert not differ, f"the CPU config and train.py's defaults disagree (file, default): {differ}"
+
+
+def test_shakespeare_char_is_prepared_when_missing(tmp_path):
+    """The embedded default dataset is prepared on first use, into the configured data_dir."""
+    cfg = train.types.SimpleNamespace(**dict(train.DEFAULTS, data_dir=str(tmp_path)))
+    train.ensure_data(cfg)
+    assert os.path.getsize(tmp_path / 'shakespeare_char' / 'train.bin') > 1_000_000
+
+
+def test_inject_none_beyond_backprop_depth_warns(capsys):
+    """METHOD.md §3 trap: inject='none' with r possibly > k is announced (the prelude would get no gradient)."""
+    train.warn_no_prelude_grad(GPTConfig(inject='none', init_state='embed', max_depth=8, backprop_depth=4))
+    assert 'no gradient' in capsys.readouterr().err
+    train.warn_no_prelude_grad(GPTConfig(inject='none', init_state='embed', max_depth=4, backprop_depth=4))
+    assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--no_such_key=1'], "unknown config key 'no_such_key'"),
+    (['--batch_size=abc'], "batch_size='abc'"),
+])
+def test_bad_command_line_gives_one_clear_error(args, message):
+    """Unknown keys and wrong types exit != 0 with an 'error:' line naming the value, never a traceback."""
+    result = run_script(*args, '--device=cpu')
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--init_from=nowhere'], "init_from='nowhere' is not allowed"),
+    (['--exit_rule=sometimes'], "exit_rule='sometimes' is not allowed"),
+    (['missing_config.py'], "config file 'missing_config.py' not found"),
+    (['--n_head=5'], "n_embd=128 is not allowed: expected a multiple of n_head (5)"),
+])
+def test_bad_values_exit_with_one_error_line(args, message, tmp_path, capsys):
+    """Bad choices, files and model shapes: main() exits 1 with one 'error:' line (in-process: no torch import)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args + ['--device=cpu', '--compile=False', f'--out_dir={tmp_path / "out"}'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith('error: ') and message in err, err
+
+
+def test_missing_dataset_tells_the_prepare_command(tmp_path):
+    """A dataset that is not prepared stops with the command that prepares it."""
+    result = run_script('--dataset=notes', f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
+                        '--device=cpu', '--compile=False')
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert 'python prepare.py text --input=' in result.stderr, result.stderr
