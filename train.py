@@ -4,12 +4,15 @@ Train a recurrent-depth GPT (prelude -> loop x r -> coda) with a random depth r 
     python train.py                                    # CPU demo: prepares shakespeare_char, trains, prints a sample
     python train.py config/train_shakespeare_char.py   # one GPU, ~10M parameters
     python train.py --max_iters=500 --mean_depth=2     # any default below, overridden on the command line
-    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char.py        # DDP, one node
+    python train.py config/etd_midtrain_shakespeare_char.py  # ETD: split a pretrained plain GPT (etd.py), mid-train it
+    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=8
+        # DDP on one node: gradient_accumulation_steps counts micro-batches over all processes, a multiple of them
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train.py ...  # two nodes
 
 Every eval_interval steps it prints, and appends to out_dir/log.jsonl, the train and val loss at several depths
 (1, mean/2, mean, 2*mean) and the val loss under adaptive exit (METHOD.md §5) with its mean iterations per token,
-and writes out_dir/ckpt.pt (atomically). init_from='resume' continues exactly where that checkpoint stopped.
+and writes out_dir/ckpt.pt (atomically). init_from='resume' continues exactly where that checkpoint stopped;
+init_from=<pretrained model> starts from it as ETD does (METHOD.md §4): same weights, middle layers looped.
 """
 
 import ast
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import etd
 from model import EXIT_RULES, GPT, GPTConfig, sample_depth
 
 # -----------------------------------------------------------------------------
@@ -41,7 +45,11 @@ log_interval = 10              # steps between progress-bar updates (each one sy
 eval_iters = 10                # batches per evaluation, the same batches every time
 eval_only = False              # True: evaluate once (e.g. a resumed checkpoint) and exit
 always_save_checkpoint = False  # True: save at every evaluation; False: only when val loss (at mean depth) improves
-init_from = 'scratch'          # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'          # 'scratch' | 'resume' (from out_dir/ckpt.pt) | a pretrained plain GPT to split by ETD:
+                               # 'gpt2'..'gpt2-xl', a transformers GPT-2 directory, or a nanoloop ckpt.pt / out_dir
+etd_split = 'auto'             # ETD (METHOD.md §4): 'auto' (the knees of the layers' angular-distance curve) | 'a,b,c'
+                               # = n_prelude,n_loop,n_coda adding up to the pretrained model's layers
+etd_sequences = 128            # ETD: training sequences the angular-distance curve is averaged over (the paper: 10k)
 # data
 dataset = 'shakespeare_char'   # folder name under data_dir; shakespeare_char is prepared automatically if missing
 data_dir = ''                  # folder holding <dataset>/ ('' = data/ beside train.py, as prepare.py writes it)
@@ -57,6 +65,7 @@ n_coda = 1                     # decoder layers, run once
 mean_depth = 4                 # mean loop iterations: eval runs it, training draws r around it (E[r] = mean + 1)
 max_depth = 8                  # cap on the drawn r and on adaptive exit
 backprop_depth = 4             # k: backprop through the last k iterations only (METHOD.md §3)
+fixed_depth = False            # True: every step runs exactly mean_depth iterations (ETD's fixed k); False: random r
 inject = 'concat'              # 'concat' (Huginn adapter) | 'add' | 'none' (ETD; needs backprop_depth >= max_depth)
 init_state = 'noise'           # s_0: 'noise' (Huginn) | 'embed' (ETD) | 'zeros'
 state_std = 0.02               # std of the noise state
@@ -156,8 +165,7 @@ def read_config_file(path):
 
 def check_choices(cfg):
     """The string settings train.py itself interprets (GPTConfig checks the model's own)."""
-    for key, allowed in (('init_from', ('scratch', 'resume')), ('dtype', tuple(DTYPES)),
-                         ('exit_rule', tuple(EXIT_RULES))):
+    for key, allowed in (('dtype', tuple(DTYPES)), ('exit_rule', tuple(EXIT_RULES))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not allowed: expected one of {allowed}")
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'gradient_accumulation_steps'):
@@ -220,11 +228,14 @@ def model_args(cfg, vocab_size):
     return dict(args, vocab_size=vocab_size)
 
 
-def init_model(cfg):
-    """(model, checkpoint or None) for cfg.init_from. 'resume' takes the architecture from the checkpoint."""
+def init_model(cfg, device='cpu', master=True):
+    """(model, checkpoint or None) for cfg.init_from. 'resume' takes the architecture from the checkpoint, ETD
+    (a pretrained model) from the pretrained model."""
     if cfg.init_from == 'scratch':
         vocab_size = read_meta(cfg).get('vocab_size', 50304)  # GPT-2's 50257 padded to a multiple of 64
         return GPT(GPTConfig(**model_args(cfg, vocab_size))), None
+    if cfg.init_from != 'resume':
+        return init_etd(cfg, device, master), None
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise ValueError(f"init_from='resume' but there is no checkpoint {path}; train with init_from='scratch' first")
@@ -232,6 +243,27 @@ def init_model(cfg):
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     return model, ckpt
+
+
+def init_etd(cfg, device, master):
+    """ETD mid-training (METHOD.md §4, etd.py): split a pretrained plain GPT into prelude / loop / coda at the knees
+    of its angular-distance curve on training text, keeping every weight; print the curve, save out_dir/etd_split.json.
+    The loop then trains with this run's depth settings and full backprop by default (§3 trap)."""
+    if cfg.init_from not in etd.GPT2_NAMES and not os.path.exists(cfg.init_from):
+        raise ValueError(f"init_from={cfg.init_from!r} is not allowed: expected 'scratch', 'resume', one of "
+                         f"{etd.GPT2_NAMES}, or the path of a plain nanoloop checkpoint / out_dir or GPT-2 directory")
+    batches = etd.sample_batches(dataset_dir(cfg), cfg.etd_sequences, cfg.block_size, seed=cfg.seed)
+    settings = {key: getattr(cfg, key) for key in etd.SETTABLE if hasattr(cfg, key)}  # depth, dropout (, router)
+    model = etd.convert_pretrained(cfg.init_from, cfg.etd_split, [b.to(device) for b in batches], **settings)
+    meta, vocab_size = read_meta(cfg), model.config.vocab_size
+    if meta.get('vocab_size', 0) > vocab_size or ('itos' in meta and meta['vocab_size'] != vocab_size):
+        raise ValueError(f"dataset {cfg.dataset!r} ({meta['vocab_size']} tokens) is not tokenized like "
+                         f"init_from={cfg.init_from!r} ({vocab_size} tokens): mid-train on the pretraining tokenizer")
+    if master:
+        print(etd.curve_chart(model.etd_info))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        etd.save_split(model.etd_info, os.path.join(cfg.out_dir, 'etd_split.json'))
+    return model
 
 
 def adopt_architecture(cfg, config):
@@ -451,7 +483,7 @@ def train(cfg):
 def build(cfg, device, rank, world):
     """Model (on device), optimizer, grad scaler, the data generator, and the loop state, from scratch or resumed."""
     torch.manual_seed(cfg.seed + rank)
-    model, ckpt = init_model(cfg)
+    model, ckpt = init_model(cfg, device, rank == 0)
     adopt_architecture(cfg, model.config)
     model.to(device)
     device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -545,7 +577,8 @@ def run(cfg, ddp, rank, local_rank, world, device):
         if it >= cfg.max_iters or cfg.eval_only:
             break
 
-        r = depth_for_step(it, cfg.seed, mc.mean_depth, mc.max_depth)  # the same r on every rank
+        # the same r on every rank: fixed (ETD's k) or drawn from a generator seeded by the step (METHOD.md §3)
+        r = mc.mean_depth if cfg.fixed_depth else depth_for_step(it, cfg.seed, mc.mean_depth, mc.max_depth)
         for group in optimizer.param_groups:
             group['lr'] = get_lr(it, cfg)
         loss = train_step(model, optimizer, scaler, r, next_batch, cfg, ctx, ddp, accum)
