@@ -72,6 +72,8 @@ state_std = 0.02               # std of the noise state
 norm_state = True              # LayerNorm the state after every iteration (keeps its scale bounded for any r)
 dropout = 0.0                  # 0 for pretraining, 0.1+ for finetuning
 bias = False                   # biases in Linears and LayerNorms
+router = False                 # train ETD's halting router too (for exit_rule='router'; model.py's GPT.router_loss)
+router_cost = 0.01             # the router's price of one more iteration, in nats per token
 # AdamW and learning-rate schedule (linear warmup, cosine decay to min_lr)
 learning_rate = 2e-3           # peak learning rate
 max_iters = 1500               # total optimizer steps

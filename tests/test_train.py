@@ -222,3 +222,21 @@ def test_missing_dataset_tells_the_prepare_command(tmp_path):
                         '--device=cpu', '--compile=False')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert 'python prepare.py text --input=' in result.stderr, result.stderr
+
+
+def test_router_trains_with_its_compute_cost_and_serves_exit_rule_router(tmp_path):
+    """--router=True trains the halting router (GPT.router_loss: expected loss + router_cost per iteration) next to the
+    model, and its checkpoint decodes with exit_rule='router'."""
+    import contextlib
+    import io
+    cfg = tiny_config(tmp_path, router=True, router_cost=0.05)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(cfg)
+    ckpt = torch.load(os.path.join(cfg['out_dir'], 'ckpt.pt'), map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    assert model.router is not None and ckpt['model_args']['router_cost'] == 0.05
+    assert model.router.bias.abs().item() > 0, 'the router starts with bias 0: training should have moved it'
+    _, depths = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 5, num_steps=4, exit_threshold=0.5,
+                                      exit_rule='router')
+    assert depths.shape == (1, 5) and ((depths >= 1) & (depths <= 4)).all()
