@@ -409,7 +409,7 @@ class GPT(nn.Module):
             s = self.loop_step(s, e, exit_test.active, held)
             if exit_test.update(s, i):
                 break
-        logits = self.decode(s)
+        logits = exit_test.logits if exit_test.logits is not None else self.decode(s)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss, exit_test.depths
 
@@ -426,6 +426,8 @@ class GPT(nn.Module):
             s = self.loop_step(s, e, None if exit_test is None else exit_test.active, None, cache.loop[i], pos)
             if exit_test is not None and (exit_test.update(s, i, cache, pos) or i == num_steps - 1):
                 fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # rows that stopped wrote stale entries
+                if exit_test.logits is not None:  # the exit test already read the final state through the coda
+                    return exit_test.logits, s
                 break
         return self.decode(s, cache, pos), s  # the last coda write at pos is from the final state
 
@@ -529,6 +531,7 @@ class ExitTest:
         self.depths = torch.full(shape, R, dtype=torch.long, device=device)
         self.logp = torch.full((*shape, V), -math.log(V), device=device) if rule != 'router' else None
         self.remaining = torch.ones(shape, device=device)  # router: probability of not having halted yet
+        self.logits = None  # the distribution rules' last coda output, reused as the final logits
 
     def update(self, s, i, cache=None, pos=0):
         """Test the state after iteration i (0-based); returns True once every position has stopped."""
@@ -536,7 +539,8 @@ class ExitTest:
             self.remaining = self.remaining * (1 - self.model.halt_prob(s))
             holds = self.converged(self.remaining, self.eps)
         else:
-            logp = F.log_softmax(self.model.decode(s, cache, pos).float(), dim=-1)
+            self.logits = self.model.decode(s, cache, pos)
+            logp = F.log_softmax(self.logits.float(), dim=-1)
             holds, self.logp = self.converged(self.logp, logp, self.eps), logp
         self.streak = torch.where(holds, self.streak + 1, 0)
         stop = self.active & (self.streak >= self.patience)
