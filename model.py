@@ -443,13 +443,12 @@ class GPT(nn.Module):
         the last block_size // 2 tokens (learned positions cannot slide under a cache)."""
         R = self._depth(idx[:, -self.config.block_size:], num_steps or self.config.mean_depth, None)
         tokens = idx[:, -self.config.block_size:]
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        cache = KVCache(self.config, idx.size(0), R, idx.device, dtype or self.lm_head.weight.dtype)
-        pos, s_prev = self._prefill(tokens, cache, R)
+        cache = self.new_cache(idx, R)
+        pos, s_prev = self.prefill(tokens, cache, R)
         all_depths, all_logits = [], []
         for _ in range(max_new_tokens):
             if pos == self.config.block_size:  # window full: re-encode the last half block
-                pos, s_prev = self._prefill(tokens[:, -(self.config.block_size // 2):], cache, R)
+                pos, s_prev = self.prefill(tokens[:, -(self.config.block_size // 2):], cache, R)
             exit_test = None if exit_threshold is None else ExitTest(self, exit_rule, exit_threshold, (idx.size(0), 1), R)
             logits, s = self.forward_cached(tokens[:, -1:], cache, pos, R, exit_test, s_prev if warm_start else None)
             all_depths.append(torch.full_like(tokens[:, -1], R) if exit_test is None else exit_test.depths[:, -1])
@@ -459,8 +458,15 @@ class GPT(nn.Module):
         depths = torch.stack(all_depths, 1) if all_depths else idx.new_zeros(idx.size(0), 0)
         return (idx, depths, torch.stack(all_logits, 1)) if return_logits else (idx, depths)
 
-    def _prefill(self, tokens, cache, R):
-        """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token."""
+    def new_cache(self, idx, R):
+        """A KV cache for idx's batch and R loop iterations, in the autocast dtype when autocast is on."""
+        autocast = torch.is_autocast_enabled(idx.device.type)
+        dtype = torch.get_autocast_dtype(idx.device.type) if autocast else self.lm_head.weight.dtype
+        return KVCache(self.config, idx.size(0), R, idx.device, dtype)
+
+    def prefill(self, tokens, cache, R):
+        """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token.
+        -> (position of the last token, final state of the one before it or None)."""
         if tokens.size(1) == 1:
             return 0, None
         _, s = self.forward_cached(tokens[:, :-1], cache, 0, R)

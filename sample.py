@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 from train import configure  # defaults <- config/*.py <- --key=value, one clear line for a bad key or type
 
 # -----------------------------------------------------------------------------
@@ -283,13 +283,6 @@ def pick(probs, temperature, generator=None):
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def prefill(model, tokens, cache, R):
-    """All prompt tokens but the last into the cache at full depth (as model.generate): -> position of the last."""
-    if tokens.size(1) > 1:
-        model.forward_cached(tokens[:, :-1], cache, 0, R)
-    return tokens.size(1) - 1
-
-
 def draft_tokens(model, last, cache, pos, steps, n, temperature, top_k, generator):
     """n tokens of the shallow model (`steps` loop iterations), one cached position at a time from pos.
     They write only loop slots 0..steps-1 of their positions; the verify pass rewrites all of them.
@@ -326,13 +319,6 @@ def accept(p, q, drafts, temperature, generator=None):
     return torch.cat([drafts[:, :k], fix], 1)
 
 
-def new_cache(model, idx, R):
-    """A KV cache for R loop iterations, in the autocast dtype if one is active (as model.generate)."""
-    autocast = torch.is_autocast_enabled(idx.device.type)
-    dtype = torch.get_autocast_dtype(idx.device.type) if autocast else model.lm_head.weight.dtype
-    return KVCache(model.config, idx.size(0), R, idx.device, dtype)
-
-
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, num_steps, draft_steps=1, n_draft=4, temperature=0.0,
                          top_k=None, generator=None):
@@ -345,12 +331,12 @@ def generate_speculative(model, idx, max_new_tokens, num_steps, draft_steps=1, n
     cfg, R = model.config, num_steps
     if not (1 <= draft_steps <= R and n_draft >= 1):
         raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= num_steps ({R}) and n_draft ({n_draft}) >= 1")
-    cache, start = new_cache(model, idx, R), idx.size(1)
-    pos = prefill(model, idx[:, -cfg.block_size:], cache, R)
+    cache, start = model.new_cache(idx, R), idx.size(1)
+    pos, _ = model.prefill(idx[:, -cfg.block_size:], cache, R)
     stats = dict(drafted=0, accepted=0, passes=0, loop_iters=0)
     while idx.size(1) - start < max_new_tokens:
         if pos == cfg.block_size:  # window full: re-encode the last half block
-            pos = prefill(model, idx[:, -(cfg.block_size // 2):], cache, R)
+            pos, _ = model.prefill(idx[:, -(cfg.block_size // 2):], cache, R)
         n = min(n_draft, max_new_tokens - (idx.size(1) - start) - 1, cfg.block_size - 1 - pos)  # chunk fits
         drafts, q = draft_tokens(model, idx[:, -1:], cache, pos, draft_steps, n, temperature, top_k, generator)
         logits, _ = model.forward_cached(torch.cat([idx[:, -1:], drafts], 1), cache, pos, R)  # (B, n + 1, V)
