@@ -12,6 +12,7 @@ weights load.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -131,8 +132,22 @@ def sample_token(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
+def rotate(x, cos, sin):
+    """Rotary position embedding (RoPE, Su et al. 2021; Huginn's choice): turn each pair of channels of q or k by an
+    angle proportional to the position, so q . k depends only on the distance between two tokens. x: (B, H, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def rotary_table(n_positions, head_dim, base=10000.0):
+    """cos and sin (n_positions, head_dim / 2) of RoPE's angles: position p, frequency base^(-2j / head_dim)."""
+    freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.arange(n_positions).float()[:, None] * freqs[None, :]
+    return angles.cos(), angles.sin()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# GPT-2 blocks
+# Blocks: GPT-2's pre-norm block, or Huginn's sandwich block
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,11 +158,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
+        if config.pos == 'rope':  # derived from the config, so not saved in checkpoints
+            cos, sin = rotary_table(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer('cos', cos, persistent=False)
+            self.register_buffer('sin', sin, persistent=False)
+        self.rope = config.pos == 'rope'
 
     def forward(self, x, kv=None, pos=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        if self.rope:
+            q, k = (rotate(t, self.cos[pos:pos + T], self.sin[pos:pos + T]) for t in (q, k))
         mask = None
         if kv is not None:  # decoding: store this chunk at pos, attend to everything cached up to it
             kv[0, :, :, pos:pos + T], kv[1, :, :, pos:pos + T] = k, v
@@ -175,6 +197,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """norm='pre': GPT-2's x + f(LN(x)), whose residual stream grows freely. norm='sandwich': Huginn's LN(x + f(LN(x)))
+    (arXiv 2502.05171 §3.1): every block returns a normalised state, so a loop fed its own output keeps its scale at
+    any depth. Without it Huginn's loop "learned early to ignore the incoming state" (§4.3, their failed run)."""
 
     def __init__(self, config):
         super().__init__()
@@ -182,10 +207,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        sandwich = config.norm == 'sandwich'
+        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias) if sandwich else nn.Identity()
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias) if sandwich else nn.Identity()
 
     def forward(self, x, kv=None, pos=0):
-        x = x + self.attn(self.ln_1(x), kv, pos)
-        return x + self.mlp(self.ln_2(x))
+        x = self.ln_attn(x + self.attn(self.ln_1(x), kv, pos))
+        return self.ln_mlp(x + self.mlp(self.ln_2(x)))
 
 
 class KVCache:
@@ -204,6 +232,8 @@ class KVCache:
 
 INJECT = ('concat', 'add', 'none')
 INIT_STATE = ('noise', 'embed', 'zeros')
+NORM = ('pre', 'sandwich')
+POS = ('learned', 'rope')
 
 
 @dataclass
@@ -222,6 +252,9 @@ class GPTConfig:
     init_state: str = 'noise'    # s_0: 'noise' (Huginn) | 'embed' (ETD: s_0 = e) | 'zeros' (exact, for tests)
     state_std: float = 0.02      # std of the noise state
     norm_state: bool = True      # LayerNorm the state after every iteration: keeps its scale bounded for any r (§3 trap)
+    norm: str = 'pre'            # block: 'pre' (GPT-2: x + f(LN x)) | 'sandwich' (Huginn: LN(x + f(LN x)))
+    pos: str = 'learned'         # positions: 'learned' (GPT-2's table) | 'rope' (rotary, Huginn; no parameters)
+    scale_embed: bool = False    # multiply token embeddings by sqrt(n_embd) (Huginn)
     dropout: float = 0.0
     bias: bool = False           # biases in Linears and LayerNorms (GPT-2 has them)
     router: bool = False         # add ETD's halting router (Linear(d->1) + sigmoid on the state) for exit_rule='router'
@@ -238,6 +271,8 @@ class GPTConfig:
         _check(self, 'n_embd', self.n_embd % self.n_head == 0, f'a multiple of n_head ({self.n_head})')
         _check(self, 'inject', self.inject in INJECT, f'one of {INJECT}')
         _check(self, 'init_state', self.init_state in INIT_STATE, f'one of {INIT_STATE}')
+        _check(self, 'norm', self.norm in NORM, f'one of {NORM}')
+        _check(self, 'pos', self.pos in POS, f'one of {POS}')
         _check(self, 'state_std', isinstance(self.state_std, (int, float)) and self.state_std > 0, 'a number > 0')
         _check(self, 'dropout', isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, 'a number in [0, 1)')
         _check(self, 'router_cost', isinstance(self.router_cost, (int, float)) and self.router_cost >= 0, 'a number >= 0')
@@ -273,7 +308,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == 'learned' else None,
             drop=nn.Dropout(config.dropout),
             prelude=nn.ModuleList([Block(config) for _ in range(config.n_prelude)]),
             loop=nn.ModuleList([Block(config) for _ in range(config.n_loop)]),
@@ -304,14 +339,17 @@ class GPT(nn.Module):
     def get_num_params(self, non_embedding=True):
         """Parameter count; it does not depend on r. Position embeddings are left out by default, as in nanoGPT."""
         n_params = sum(p.numel() for p in self.parameters())
-        return n_params - self.transformer.wpe.weight.numel() if non_embedding else n_params
+        wpe = self.transformer.wpe
+        return n_params - wpe.weight.numel() if non_embedding and wpe is not None else n_params
 
     # -- the three stages (ETD's names), each a unit that compile_loop() can compile on its own --------------------------
 
     def encode(self, idx, cache=None, pos=0):
         """Prelude: tokens (B, T) at positions pos.. -> e (B, T, C)."""
-        positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.wte(idx) * (math.sqrt(self.config.n_embd) if self.config.scale_embed else 1.0)
+        if self.transformer.wpe is not None:  # learned positions; RoPE turns q and k inside attention instead
+            x = x + self.transformer.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
+        x = self.transformer.drop(x)
         for j, block in enumerate(self.transformer.prelude):
             x = block(x, None if cache is None else cache.prelude[j], pos)
         return x
@@ -515,6 +553,34 @@ class GPT(nn.Module):
         for name in ('encode', 'loop_step', 'decode'):
             setattr(self, name, torch.compile(getattr(self, name), **kwargs))
         return self
+
+
+def load_checkpoint(path, device='cpu'):
+    """(GPT in eval mode, the whole checkpoint dict) from train.py's ckpt.pt or the out_dir holding one. The one
+    loader every script uses: weights_only=True (a checkpoint cannot run code), and every bad file is one ValueError
+    naming it, what is wrong and what to do."""
+    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as err:  # truncated, random or foreign files raise many types; all mean "not a checkpoint"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        if 'weights only' in reason.lower():  # never pass on torch's advice to retry with weights_only=False
+            reason = 'it holds objects other than tensors and plain values, refused because loading them runs code'
+        raise ValueError(f"checkpoint {file} cannot be read ({reason}); it is damaged or not written by "
+                         f"train.py: use another checkpoint or train again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(
+            ckpt.get('model_args'), dict):
+        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected a dict with 'model' and "
+                         f"'model_args', as train.py writes")
+    try:
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {file} does not fit this model.py ({str(err).splitlines()[0][:160]}); it "
+                         f"was written by another version of nanoloop") from None
+    return model.to(device).eval(), ckpt
 
 
 class ExitTest:

@@ -1,26 +1,24 @@
 """
-Prepare a dataset as token ids: data/<name>/{train,val}.bin (np.uint16) + meta.pkl (nanoGPT's format).
+Datasets: data/<name>/{train,val}.bin (np.uint16 token ids, nanoGPT's format) + meta.json, and the functions every
+script reads them with (dataset_dir, read_meta, get_batch, decode).
 
   python prepare.py shakespeare_char                      # the embedded default, char-level (< 1 s)
   python prepare.py text --input=notes.txt [--name=notes]  # any UTF-8 file or folder, GPT-2 BPE (tiktoken)
-  python prepare.py reasoning --max_hops=4                 # synthetic multi-hop variable resolution, + test.pkl
+  python prepare.py prefix_sums                           # the depth showcase's task, a target at every position
 
 Every dataset also takes --data_dir=DIR (where data/<name>/ goes) and --force (redo). Finished work is
-skipped: meta.pkl stores the settings it was made with, and a dataset is redone only when they differ.
-Importable: prepare(dataset, **kwargs) -> data dir; gpt2_encoding(), encode/decode (char-level), solve (reasoning).
-reasoning also writes test.pkl = {hops: [(prompt, answer_digit), ...]} for hops 1..2*max_hops; each prompt is
-'\n' + problem + '?v=' (the newline is the context a line has in the train stream); query_hops(prompt) == hops.
+skipped: meta.json stores the settings it was made with, and a dataset is redone only when they differ.
+meta.json is plain JSON: reading a dataset never runs code (nanoGPT's meta.pkl could).
 """
 import os
 import re
 import sys
 import time
-import pickle
-import random
-import string
+import json
 import hashlib
 import functools
 import numpy as np
+import torch
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 SHAKESPEARE = os.path.join(REPO_DATA, 'shakespeare_char', 'input.txt')  # shipped in the repo, never ../shared
@@ -28,9 +26,9 @@ BPE_PATH = os.path.join(REPO_DATA, 'gpt2_bpe.tiktoken')  # GPT-2 merge ranks, sh
 BPE_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'  # the hash tiktoken checks (r50k_base)
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = 50256  # <|endoftext|>, put between the files of a `text` folder
-OUTPUTS = {'shakespeare_char': ('train.bin', 'val.bin', 'meta.pkl'),  # all present + same settings = done
-           'text': ('train.bin', 'val.bin', 'meta.pkl'),
-           'reasoning': ('train.bin', 'val.bin', 'test.pkl', 'meta.pkl')}
+OUTPUTS = {'shakespeare_char': ('train.bin', 'val.bin', 'meta.json'),  # all present + same settings = done
+           'text': ('train.bin', 'val.bin', 'meta.json'),
+           'prefix_sums': ('train.bin', 'val.bin', 'train_targets.bin', 'val_targets.bin', 'meta.json')}
 TRAIN_FRAC = 0.9  # first 90% of the tokens -> train.bin, the rest -> val.bin (nanoGPT's split)
 FORMAT_VERSION = 1  # bump when an output changes: stored settings then differ and the data is redone
 
@@ -41,12 +39,11 @@ DEFAULTS = {
     'shakespeare_char': dict(),
     'text': dict(input='',   # a UTF-8 file, or a folder: all its files (sorted, hidden ones skipped)
                  name=''),   # output folder name; '' = the input's stem
-    'reasoning': dict(max_hops=4,       # train on 1..max_hops hops, test on 1..2*max_hops
-                      n_chains=3,       # chains per problem: the asked one + (n_chains - 1) distractors
-                      n_train=100_000,  # train lines (problems)
-                      n_val=5_000,      # val lines, same distribution, another seed
-                      n_test=500,       # test prompts per hop count
-                      seed=1337),       # train uses seed, val seed+1, test seed+2
+    'prefix_sums': dict(modulus=3,        # digits 0..modulus-1, targets mod modulus (chance = 1 / modulus)
+                        length=32,        # digits per example = the hardest position
+                        n_train=200_000,  # train examples
+                        n_val=4_096,      # test examples (val.bin), none of them in train
+                        seed=1337),
 }
 
 # -----------------------------------------------------------------------------
@@ -54,28 +51,21 @@ DEFAULTS = {
 
 
 def save_atomic(path, write):
-    """write(f) into path.tmp, then rename: an interrupted run never leaves a half file under the real name."""
-    with open(path + '.tmp', 'wb') as f:
+    """write(f) into a temporary file, then rename: an interrupted run never leaves a half file under the real name.
+    The temporary name carries the process id, so two runs preparing the same dataset at once do not collide."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
         write(f)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
 
 
-def save_pickle(path, obj):
-    save_atomic(path, lambda f: pickle.dump(obj, f))
-
-
-def load_meta(out_dir):
-    with open(os.path.join(out_dir, 'meta.pkl'), 'rb') as f:
-        return pickle.load(f)
-
-
-def is_prepared(out_dir, settings, files=('train.bin', 'val.bin', 'meta.pkl')):
-    """True if every output exists and meta.pkl was written with exactly these settings."""
+def is_prepared(out_dir, settings, files=('train.bin', 'val.bin', 'meta.json')):
+    """True if every output exists and meta.json was written with exactly these settings."""
     if not all(os.path.exists(os.path.join(out_dir, f)) for f in files):
         return False
     try:
-        return load_meta(out_dir).get('settings') == settings
-    except (pickle.UnpicklingError, EOFError, AttributeError):  # unreadable meta: redo
+        return read_meta(out_dir).get('settings') == settings
+    except ValueError:  # unreadable meta: redo
         return False
 
 
@@ -85,14 +75,13 @@ def as_uint16(ids, vocab_size):
     return np.asarray(ids, dtype=np.uint16)
 
 
-def write_splits(out_dir, train_ids, val_ids, meta, extra=None):
-    """train.bin, val.bin, extra {filename: object} pickles, and meta.pkl last; returns the two lengths."""
+def write_splits(out_dir, train_ids, val_ids, meta):
+    """train.bin, val.bin, and meta.json last; returns the two lengths."""
     os.makedirs(out_dir, exist_ok=True)
     for split, ids in (('train', train_ids), ('val', val_ids)):
         save_atomic(os.path.join(out_dir, f'{split}.bin'), as_uint16(ids, meta['vocab_size']).tofile)
-    for filename, obj in (extra or {}).items():
-        save_pickle(os.path.join(out_dir, filename), obj)
-    save_pickle(os.path.join(out_dir, 'meta.pkl'), meta)  # last: its settings mark the dataset complete
+    meta_json = json.dumps(meta, indent=1).encode()
+    save_atomic(os.path.join(out_dir, 'meta.json'), lambda f: f.write(meta_json))  # last: marks the dataset complete
     return len(train_ids), len(val_ids)
 
 
@@ -119,18 +108,64 @@ def file_fingerprint(paths):
     return hashlib.sha1(repr(stats).encode()).hexdigest()
 
 # -----------------------------------------------------------------------------
-# char-level vocabulary (shakespeare_char, reasoning)
+# reading a prepared dataset: every script goes through these
+
+
+def dataset_dir(dataset, data_dir=''):
+    """The folder of a prepared dataset: <data_dir>/<dataset>, data_dir defaulting to data/ beside this file."""
+    return os.path.join(data_dir or REPO_DATA, dataset)
+
+
+def read_meta(path):
+    """meta.json of the dataset folder `path` ({} if there is none): vocab_size; chars (char-level), or
+    tokenizer='gpt2'; example_len for task datasets. An old nanoGPT meta.pkl is refused, never unpickled."""
+    meta_path = os.path.join(path, 'meta.json')
+    if not os.path.exists(meta_path):
+        if os.path.exists(os.path.join(path, 'meta.pkl')):
+            raise ValueError(f'{path}/meta.pkl is a pickle, which could run code when read; nanoloop reads only '
+                             f'meta.json: re-run prepare.py for this dataset')
+        return {}
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict) and isinstance(meta.get('vocab_size'), int)
+    except (ValueError, AssertionError, OSError):
+        raise ValueError(f'{meta_path} is not a meta.json written by prepare.py: re-run prepare.py') from None
+    return meta
+
+
+def get_batch(path, split, batch_size, block_size, generator, device='cpu'):
+    """batch_size random training pairs (x, y) of length block_size from data folder `path`. A token stream gives
+    windows with y = x shifted by one (nanoGPT); a task dataset (meta example_len) gives whole examples and their
+    targets. The draws come from `generator`, so a checkpointed generator state replays the same batches."""
+    data = np.memmap(os.path.join(path, f'{split}.bin'), dtype=np.uint16, mode='r')  # reopened: no memmap leak
+    length = read_meta(path).get('example_len')
+    if length:  # one row per example, its targets in <split>_targets.bin
+        targets = np.memmap(os.path.join(path, f'{split}_targets.bin'), dtype=np.uint16, mode='r')
+        rows = torch.randint(len(data) // length, (batch_size,), generator=generator).numpy()
+        index = rows[:, None] * length + np.arange(min(block_size, length))
+        x, y = (torch.from_numpy(a[index].astype(np.int64)) for a in (data, targets))
+    else:
+        if len(data) <= block_size:
+            raise ValueError(f"{path}/{split}.bin has {len(data)} tokens: block_size={block_size} needs more")
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        windows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
+        x, y = windows[:, :-1], windows[:, 1:]
+    if 'cuda' in str(device):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 def char_meta(chars):
     """nanoGPT's char-level meta: ids follow the sorted characters."""
-    chars = sorted(set(chars))
-    return {'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}
+    return {'vocab_size': len(set(chars)), 'chars': sorted(set(chars))}
 
 
 def encode(s, meta):
-    """String -> list of char ids; a character outside the vocabulary is an error, never dropped."""
-    stoi = meta['stoi']
+    """String -> list of token ids in the dataset's vocabulary; a character outside it is an error, never dropped."""
+    if meta.get('tokenizer') == 'gpt2':
+        return gpt2_encoding().encode(s, allowed_special={'<|endoftext|>'})
+    stoi = {c: i for i, c in enumerate(meta['chars'])}
     try:
         return [stoi[c] for c in s]
     except KeyError as e:
@@ -138,9 +173,10 @@ def encode(s, meta):
 
 
 def decode(ids, meta):
-    """List (or array) of char ids -> string."""
-    itos = meta['itos']
-    return ''.join(itos[int(i)] for i in ids)
+    """List (or array) of token ids -> string, in the dataset's vocabulary."""
+    if meta.get('tokenizer') == 'gpt2':
+        return gpt2_encoding().decode([int(i) for i in ids])
+    return ''.join(meta['chars'][int(i)] for i in ids)
 
 
 def prepare_shakespeare_char(out_dir, settings):
@@ -246,157 +282,41 @@ def prepare_text(out_dir, settings, files):
     return write_dataset(out_dir, ids, meta)
 
 # -----------------------------------------------------------------------------
-# reasoning: multi-hop variable resolution (issue 6), e.g. "k=a;x=3;a=7;q=k;?q=7;?a=7;?x=3;?k=7;"
-# One line = one problem: shuffled assignments, then a query "?v=d;" for EVERY variable, so each line
-# supervises many answer positions (METHOD.md §3 trap: with only the last position supervised, small looped
-# models learn slowly). With at most 26 variables a line is < 128 chars at any setting that validates.
-
-DIGITS = string.digits
-LETTERS = string.ascii_lowercase  # variables are single letters
-REASONING_CHARS = '\n;=?' + DIGITS + LETTERS  # fixed alphabet: the same 40-char vocab for every setting
+# prefix_sums: the depth showcase's task (Schwarzschild et al. 2021, arXiv 2106.04537). Input digits x_1..x_L in
+# 0..modulus-1; the target at every position t is (x_1 + ... + x_t) mod modulus. Every position is supervised
+# (dense targets: no induction-head plateau), and position t needs t sequential additions, so the position is
+# the difficulty. Files: {train,val}.bin hold the inputs, {train,val}_targets.bin the targets, `length` tokens per
+# example; val is the test set, disjoint from train.
 
 
-def make_chains(hops, n_chains, rng):
-    """The asked chain of exactly `hops` links + n_chains-1 distractor chains of 1..hops links.
-    A chain [d, v1, .., vh] means v1=d; v2=v1; ...: resolving v_i takes i hops. The roots are distinct
-    digits, so answering with any digit seen in the problem is right only 1/n_chains of the time."""
-    lengths = [hops] + [rng.randint(1, hops) for _ in range(n_chains - 1)]
-    names = iter(rng.sample(LETTERS, sum(lengths)))
-    roots = rng.sample(DIGITS, n_chains)
-    return [[root] + [next(names) for _ in range(n)] for root, n in zip(roots, lengths)]
+def prefix_sums(x, modulus):
+    """Targets of the task: the running sum of each row of digits x (N, L), mod modulus."""
+    return np.cumsum(x, axis=1) % modulus
 
 
-def problem_text(chains, rng):
-    """'v=src;' per link, shuffled: the chain must be followed, it cannot be read left to right."""
-    links = [f'{c[i]}={c[i - 1]};' for c in chains for i in range(1, len(c))]
-    rng.shuffle(links)
-    return ''.join(links)
+def random_digits(n, length, modulus, rng):
+    return rng.integers(0, modulus, size=(n, length), dtype=np.uint16)
 
 
-def chain_queries(chains, rng):
-    """(variable, answer digit, hops) for every variable, in random order."""
-    queries = [(c[i], c[0], i) for c in chains for i in range(1, len(c))]
-    rng.shuffle(queries)
-    return queries
+def drop_seen(x, seen):
+    """The rows of x whose bytes are not in `seen` (a set of row bytes): the test set shares no example with train."""
+    keep = np.array([row.tobytes() not in seen for row in x], dtype=bool)
+    return x[keep]
 
 
-def parse_assignments(problem):
-    """{variable: source} from the text's 'v=src' segments; queries ('?v=...') are skipped."""
-    assign = {}
-    for seg in problem.strip().split(';'):
-        if seg and not seg.startswith('?'):
-            lhs, eq, rhs = seg.partition('=')
-            if not (eq and lhs and rhs):
-                raise ValueError(f'bad assignment {seg!r}: expected v=src')
-            assign[lhs] = rhs
-    return assign
-
-
-def follow(assign, var):
-    """Resolve var by following assignments to a digit: returns (digit, number of hops)."""
-    hops = 0
-    while not var.isdigit():
-        if var not in assign or hops > len(assign):  # more hops than assignments = a cycle
-            raise ValueError(f'variable {var!r} cannot be resolved to a digit')
-        var, hops = assign[var], hops + 1
-    return var, hops
-
-
-def last_query(problem):
-    """(digit, hops) for the last query of a problem text, e.g. a test prompt ending in '?q='."""
-    if '?' not in problem:
-        raise ValueError(f'no query "?v=" in {problem!r}')
-    var = problem.rsplit('?', 1)[1].split('=')[0]
-    return follow(parse_assignments(problem), var)
-
-
-def solve(problem):
-    """The answer digit of the last query, found from the text alone (independent of the generator)."""
-    return last_query(problem)[0]
-
-
-def query_hops(problem):
-    """How many assignments the last query's answer is away from its digit."""
-    return last_query(problem)[1]
-
-
-def check_answers(problem, queries):
-    """The generator's answers must agree with the solver on every query (answer and hop count)."""
-    assign = parse_assignments(problem)
-    for var, digit, hops in queries:
-        if follow(assign, var) != (digit, hops):
-            raise RuntimeError(f'generator bug: {problem}?{var}= gave {digit} in {hops} hops, '
-                               f'the solver {follow(assign, var)}')
-
-
-def reasoning_line(hops, n_chains, rng):
-    """(problem, full line): the problem followed by the answered query of every variable."""
-    chains = make_chains(hops, n_chains, rng)
-    problem = problem_text(chains, rng)
-    queries = chain_queries(chains, rng)
-    check_answers(problem, queries)
-    return problem, problem + ''.join(f'?{v}={d};' for v, d, _ in queries)
-
-
-def reasoning_lines(n, max_hops, n_chains, rng):
-    """n lines with hops uniform in 1..max_hops; also returns the set of their problems (for test exclusion)."""
-    from tqdm import tqdm
-    problems, lines = set(), []
-    for _ in tqdm(range(n), desc='problems', disable=None):
-        problem, line = reasoning_line(rng.randint(1, max_hops), n_chains, rng)
-        problems.add(problem)
-        lines.append(line)
-    return lines, problems
-
-
-def make_test_prompt(hops, n_chains, rng):
-    """('\\n' + problem + '?v=', answer) where v is the end of the asked chain: exactly `hops` hops.
-    The leading newline is the context a line has in the train stream."""
-    chains = make_chains(hops, n_chains, rng)
-    problem, target = problem_text(chains, rng), chains[0]
-    prompt = f'\n{problem}?{target[-1]}='
-    if last_query(prompt) != (target[0], hops):  # the solver checks every stored answer
-        raise RuntimeError(f'generator bug: {prompt!r} -> {target[0]} in {hops} hops, solver {last_query(prompt)}')
-    return problem, prompt, target[0]
-
-
-def make_test_set(hops, n, n_chains, rng, seen):
-    """n distinct (prompt, answer) pairs whose problem text is not in `seen` (train and val problems)."""
-    pairs, problems = [], set()
-    for _ in range(100 * n + 1000):  # small settings have few distinct problems: give up with a clear error
-        if len(pairs) == n:
-            return pairs
-        problem, prompt, answer = make_test_prompt(hops, n_chains, rng)
-        if problem not in seen and problem not in problems:
-            problems.add(problem)
-            pairs.append((prompt, answer))
-    raise ValueError(f'found only {len(pairs)} of n_test={n} new test problems at {hops} hops; '
-                     f'lower --n_test or raise --n_chains')
-
-
-def check_reasoning_settings(max_hops, n_chains, n_train, n_val, n_test, seed):
-    if min(max_hops, n_chains, n_train, n_val, n_test) < 1:
-        raise ValueError('--max_hops, --n_chains, --n_train, --n_val and --n_test must all be >= 1')
-    if n_chains > len(DIGITS):
-        raise ValueError(f'--n_chains={n_chains}: chains need distinct root digits, so at most {len(DIGITS)}')
-    if 2 * max_hops * n_chains > len(LETTERS):
-        raise ValueError(f'--max_hops={max_hops} --n_chains={n_chains}: test problems need up to 2*max_hops*n_chains'
-                         f' = {2 * max_hops * n_chains} variables, but only {len(LETTERS)} letters exist')
-
-
-def prepare_reasoning(out_dir, settings, max_hops, n_chains, n_train, n_val, n_test, seed):
-    check_reasoning_settings(max_hops, n_chains, n_train, n_val, n_test, seed)
-    meta = char_meta(REASONING_CHARS)
-    train, train_problems = reasoning_lines(n_train, max_hops, n_chains, random.Random(seed))
-    val, val_problems = reasoning_lines(n_val, max_hops, n_chains, random.Random(seed + 1))
-    test_rng, seen = random.Random(seed + 2), train_problems | val_problems
-    test = {h: make_test_set(h, n_test, n_chains, test_rng, seen) for h in range(1, 2 * max_hops + 1)}
-    meta.update(settings=settings, train_hops=list(range(1, max_hops + 1)), test_hops=sorted(test),
-                max_line_len=max(map(len, train + val)),  # pick block_size from these two
-                max_prompt_len=max(len(p) for pairs in test.values() for p, _ in pairs))
-    print(f'reasoning: line length max {meta["max_line_len"]}, test prompt length max {meta["max_prompt_len"]}')
-    stream = lambda lines: encode(''.join(line + '\n' for line in lines), meta)  # every line ends in '\n'
-    return write_splits(out_dir, stream(train), stream(val), meta, extra={'test.pkl': test})
+def prepare_prefix_sums(out_dir, settings, modulus, length, n_train, n_val, seed):
+    if modulus < 2 or length < 1 or n_train < 1 or n_val < 1:
+        raise ValueError(f'prefix_sums needs --modulus >= 2 and --length, --n_train, --n_val >= 1; got {modulus}, '
+                         f'{length}, {n_train}, {n_val}')
+    rng = np.random.default_rng(seed)
+    train = random_digits(n_train, length, modulus, rng)
+    val = drop_seen(random_digits(n_val, length, modulus, rng), {row.tobytes() for row in train})
+    meta = {'vocab_size': modulus, 'chars': [str(d) for d in range(modulus)], 'example_len': length,
+            'settings': settings}
+    os.makedirs(out_dir, exist_ok=True)
+    for split, x in (('train', train), ('val', val)):
+        save_atomic(os.path.join(out_dir, f'{split}_targets.bin'), prefix_sums(x, modulus).astype(np.uint16).tofile)
+    return write_splits(out_dir, train.ravel(), val.ravel(), meta)
 
 # -----------------------------------------------------------------------------
 # entry points
@@ -446,7 +366,7 @@ def prepare(dataset, /, **kwargs):
     elif dataset == 'text':
         n_train, n_val = prepare_text(out_dir, settings, files)
     else:
-        n_train, n_val = prepare_reasoning(out_dir, settings, **opts)
+        n_train, n_val = prepare_prefix_sums(out_dir, settings, **opts)
     print(f'{out_dir}: train {n_train:,} tokens, val {n_val:,} tokens ({time.time() - t0:.2f} s)')
     return out_dir
 

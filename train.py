@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import etd
+import prepare
 from model import EXIT_RULES, GPT, GPTConfig, sample_depth
 
 # -----------------------------------------------------------------------------
@@ -70,6 +70,9 @@ inject = 'concat'              # 'concat' (Huginn adapter) | 'add' | 'none' (ETD
 init_state = 'noise'           # s_0: 'noise' (Huginn) | 'embed' (ETD) | 'zeros'
 state_std = 0.02               # std of the noise state
 norm_state = True              # LayerNorm the state after every iteration (keeps its scale bounded for any r)
+norm = 'pre'                   # blocks: 'pre' (GPT-2) | 'sandwich' (Huginn: a LayerNorm after each residual add too)
+pos = 'learned'                # positions: 'learned' (GPT-2) | 'rope' (rotary)
+scale_embed = False            # token embeddings times sqrt(n_embd) (Huginn)
 dropout = 0.0                  # 0 for pretraining, 0.1+ for finetuning
 bias = False                   # biases in Linears and LayerNorms
 router = False                 # train ETD's halting router too (for exit_rule='router'; model.py's GPT.router_loss)
@@ -178,47 +181,26 @@ def check_choices(cfg):
 # data: nanoGPT's uint16 token files, random windows drawn from a generator the checkpoint keeps
 
 
-def dataset_dir(cfg):
-    return os.path.join(cfg.data_dir or os.path.join(REPO_DIR, 'data'), cfg.dataset)
+def data_path(cfg):
+    return prepare.dataset_dir(cfg.dataset, cfg.data_dir)
 
 
 def ensure_data(cfg):
-    """Prepare the embedded default corpus on first use; any other dataset must have been prepared by the user."""
-    path = dataset_dir(cfg)
+    """Prepare the embedded default corpus or the showcase task on first use; any other dataset must have been
+    prepared by the user."""
+    path = data_path(cfg)
     if all(os.path.exists(os.path.join(path, f)) for f in ('train.bin', 'val.bin')):
         return
-    if cfg.dataset == 'shakespeare_char':
-        from prepare import prepare
-        prepare('shakespeare_char', data_dir=os.path.dirname(path))
+    if cfg.dataset in ('shakespeare_char', 'prefix_sums'):
+        prepare.prepare(cfg.dataset, data_dir=os.path.dirname(path))
         return
-    from prepare import DEFAULTS as BUILT_IN  # prepare.py's own datasets; any other name is a `text` dataset
-    how = cfg.dataset if cfg.dataset in BUILT_IN else f'text --input=<your files> --name={cfg.dataset}'
+    how = cfg.dataset if cfg.dataset in prepare.DEFAULTS else f'text --input=<your files> --name={cfg.dataset}'
     raise ValueError(f"dataset {cfg.dataset!r} is not prepared ({path}/train.bin is missing); "
                      f"run: python prepare.py {how}" + (f" --data_dir={cfg.data_dir}" if cfg.data_dir else ''))
 
 
-def read_meta(cfg):
-    """meta.pkl of the dataset ({} if absent): vocab_size, and itos for char-level or tokenizer='gpt2' for BPE."""
-    path = os.path.join(dataset_dir(cfg), 'meta.pkl')
-    if not os.path.exists(path):
-        return {}
-    with open(path, 'rb') as f:
-        return pickle.load(f)
-
-
 def get_batch(cfg, split, generator, device):
-    """batch_size random windows (x, y), y = x shifted by one. The start positions come from `generator`, so
-    the checkpointed generator state replays the same batches (nanoGPT reopens the memmap to avoid a leak)."""
-    data = np.memmap(os.path.join(dataset_dir(cfg), f'{split}.bin'), dtype=np.uint16, mode='r')
-    if len(data) <= cfg.block_size:
-        raise ValueError(f"{split}.bin of {cfg.dataset!r} has {len(data)} tokens: need more than block_size="
-                         f"{cfg.block_size}")
-    ix = torch.randint(len(data) - cfg.block_size, (cfg.batch_size,), generator=generator).numpy()
-    windows = torch.from_numpy(data[ix[:, None] + np.arange(cfg.block_size + 1)].astype(np.int64))  # (B, T+1)
-    x, y = windows[:, :-1], windows[:, 1:]
-    if 'cuda' in device:  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return prepare.get_batch(data_path(cfg), split, cfg.batch_size, cfg.block_size, generator, device)
 
 # -----------------------------------------------------------------------------
 # model, depth, learning rate
@@ -234,7 +216,7 @@ def init_model(cfg, device='cpu', master=True):
     """(model, checkpoint or None) for cfg.init_from. 'resume' takes the architecture from the checkpoint, ETD
     (a pretrained model) from the pretrained model."""
     if cfg.init_from == 'scratch':
-        vocab_size = read_meta(cfg).get('vocab_size', 50304)  # GPT-2's 50257 padded to a multiple of 64
+        vocab_size = prepare.read_meta(data_path(cfg)).get('vocab_size', 50304)  # GPT-2's 50257 padded to a multiple of 64
         return GPT(GPTConfig(**model_args(cfg, vocab_size))), None
     if cfg.init_from != 'resume':
         return init_etd(cfg, device, master), None
@@ -254,10 +236,10 @@ def init_etd(cfg, device, master):
     if cfg.init_from not in etd.GPT2_NAMES and not os.path.exists(cfg.init_from):
         raise ValueError(f"init_from={cfg.init_from!r} is not allowed: expected 'scratch', 'resume', one of "
                          f"{etd.GPT2_NAMES}, or the path of a plain nanoloop checkpoint / out_dir or GPT-2 directory")
-    batches = etd.sample_batches(dataset_dir(cfg), cfg.etd_sequences, cfg.block_size, seed=cfg.seed)
+    batches = etd.sample_batches(data_path(cfg), cfg.etd_sequences, cfg.block_size, seed=cfg.seed)
     settings = {key: getattr(cfg, key) for key in etd.SETTABLE if hasattr(cfg, key)}  # depth, dropout (, router)
     model = etd.convert_pretrained(cfg.init_from, cfg.etd_split, [b.to(device) for b in batches], **settings)
-    meta, vocab_size = read_meta(cfg), model.config.vocab_size
+    meta, vocab_size = prepare.read_meta(data_path(cfg)), model.config.vocab_size
     if meta.get('vocab_size', 0) > vocab_size or ('itos' in meta and meta['vocab_size'] != vocab_size):
         raise ValueError(f"dataset {cfg.dataset!r} ({meta['vocab_size']} tokens) is not tokenized like "
                          f"init_from={cfg.init_from!r} ({vocab_size} tokens): mid-train on the pretraining tokenizer")
@@ -421,24 +403,13 @@ def format_eval(it, res, mean):
             f"train loss r={mean} {res['train_loss'][str(mean)]:.4f}")
 
 
-def decoder(meta):
-    """Token ids -> text for the dataset's vocabulary (char-level itos, or GPT-2 BPE)."""
-    if 'itos' in meta:
-        return lambda ids: ''.join(meta['itos'][int(i)] for i in ids)
-    if meta.get('tokenizer') == 'gpt2':
-        from prepare import gpt2_encoding
-        return lambda ids: gpt2_encoding().decode([int(i) for i in ids])
-    return None
-
-
 @torch.no_grad()
 def print_sample(model, cfg, device, ctx):
     """Generate sample_tokens after a newline with adaptive exit, and show the text with its iterations per token."""
-    meta = read_meta(cfg)
-    decode = decoder(meta)
-    if decode is None or cfg.sample_tokens <= 0:
-        return
-    start = meta.get('stoi', {}).get('\n', 0)
+    meta = prepare.read_meta(data_path(cfg))
+    if cfg.sample_tokens <= 0 or 'example_len' in meta or not ('chars' in meta or 'tokenizer' in meta):
+        return  # a task dataset, or no vocabulary to show text in
+    start = prepare.encode('\n', meta)[0] if '\n' in meta.get('chars', '\n') else 0
     model.eval()
     with ctx:
         idx, depths = model.generate(torch.tensor([[start]], device=device), cfg.sample_tokens,
@@ -448,7 +419,7 @@ def print_sample(model, cfg, device, ctx):
     print(f"--- sample: {cfg.sample_tokens} tokens, temperature {cfg.temperature}, adaptive exit "
           f"({cfg.exit_rule} < {cfg.exit_threshold:g}): {depths.float().mean().item():.2f} iterations/token "
           f"(max {model.config.max_depth}) ---")
-    print(decode(idx[0, 1:].tolist()))
+    print(prepare.decode(idx[0, 1:].tolist(), meta))
 
 # -----------------------------------------------------------------------------
 # the run
