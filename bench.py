@@ -1,18 +1,18 @@
 """
 Speed and memory of the looped model against its limits and against a plain GPT of equal FLOPs (METHOD.md §6).
 
-    python bench.py                            # CUDA if available, else CPU
-    python bench.py --device=cpu --quick       # about 1-2 minutes on 2 CPU cores
-    python bench.py --device=cuda --json=bench.json
+    python bench.py                                 # CUDA if available, else CPU
+    python bench.py --device=cpu --quick            # about 1-2 minutes on 2 CPU cores
+    python bench.py --device=cuda --json_out=bench.json --ckpt=out/ckpt.pt
 
 Four measurements, each a small function that tests/test_bench.py runs on a tiny model:
   1. train_throughput  tokens/s and MFU at r = mean_depth (forward r, backward k) vs a plain GPT with the same FLOPs
   2. memory_vs_depth   peak memory of one training step for r = 4 .. 64 at k = 8: truncated backprop keeps it O(k)
   3. compile_check     eager vs compile_loop() step time, recompiles while r changes every step, flash attention
   4. decode_speed      batch-1 tokens/s: no cache, KV cache at fixed depth, KV cache + adaptive exit
-Prints a table for people, then one JSON line (device, versions, date and command included).
-Timing: warm-up, synchronize, median of repeats; the models being compared take turns within each repeat, so a
-machine whose load drifts (shared CPU cores) slows both alike and their ratio stays fair.
+Prints a table for people, then one JSON line (device, versions, date and command included). Timing: warm-up,
+synchronize, median of repeats; the models compared take turns within each repeat, so a machine whose load drifts
+(shared CPU cores) slows both alike and their ratio stays fair.
 """
 
 import json
@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -30,26 +31,27 @@ from datetime import datetime, timezone
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import GPT, GPTConfig, plain_config, sample_depth
+from configurator import configure
+from model import GPT, GPTConfig, load_checkpoint, plain_config, sample_depth
+from sample import check_device, sync
 
-# -- settings, overridden by --key=value -------------------------------------------------------------------------------
+# -- settings, overridden by --key=value (configurator.py) -------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
 quick = False              # fewer repeats and decoded tokens (about 1-2 min on 2 CPU cores)
-json_file = ''             # --json=FILE: also write the JSON result to FILE
+json_out = ''              # also write the JSON result to this file (its folder must exist)
 threads = 1                # CPU threads. 1: on 2 shared cores, 2 OpenMP threads waiting on each other ran 5-50x slower
 ckpt = ''                  # a checkpoint (train.py) to decode with: adaptive exit only exits once the loop converges
 decode_compile = ''        # '' | 'default' | 'reduce-overhead' (CUDA graphs, CUDA only): also time compiled decoding
 seed = 1337
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 # Model sizes per device. CPU: small enough for 2 cores; CUDA: GPT-2 small's width, context and vocabulary.
-SIZES = {
-    'cpu': dict(n_embd=128, n_head=4, block_size=256, vocab_size=512),
-    'cuda': dict(n_embd=768, n_head=12, block_size=1024, vocab_size=50304),
-}
+SIZES = {'cpu': dict(n_embd=128, n_head=4, block_size=256, vocab_size=512),
+         'cuda': dict(n_embd=768, n_head=12, block_size=1024, vocab_size=50304)}
 BATCH = {'cpu': 4, 'cuda': 8}  # training sequences per step
 # The looped model: prelude 1 layer, loop 2 layers x r, coda 1 layer; r = 8 at the mean, backprop through the last 4
 LOOP = dict(n_prelude=1, n_loop=2, n_coda=1, mean_depth=8, max_depth=64, backprop_depth=4)
-MEMORY_DEPTHS, MEMORY_K = (4, 8, 16, 32, 64), 8  # issue 7: peak memory of a step for each r at k = 8
+MEMORY_DEPTHS, MEMORY_K = (4, 8, 16, 32, 64), 8  # peak memory of a step for each r at k = 8
 EXIT_THRESHOLD = 5e-4      # Huginn's KL exit threshold (§5)
 PROMPT_LEN = 16
 # full run / --quick: warm-up calls and timed repeats, decoded tokens and their repeats, depth changes for the
@@ -61,13 +63,6 @@ PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100'
 
 
 # -- timing ------------------------------------------------------------------------------------------------------------
-
-def sync(dev):
-    """CUDA launches are asynchronous: wait for the GPU so the clock measures its work, not the launch."""
-    if dev == 'cuda':
-        torch.cuda.synchronize()
-
-
 def median_times(fns, dev, warmup, repeats):
     """Median seconds per call of each function in the dict `fns`, after `warmup` untimed calls of each.
     Within a repeat every function runs once, in turn, so slow spells of a shared machine hit all of them."""
@@ -88,9 +83,7 @@ def median_times(fns, dev, warmup, repeats):
 def autocast(dev):
     """bf16 on CUDA, fp32 on CPU. cache_enabled=False: a bf16 copy of a loop weight cached in the no-grad iterations
     would be reused by the with-grad ones and the loop weights would get no gradient (§3 trap, pytorch#65766)."""
-    if dev == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False)
-    return nullcontext()
+    return torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False) if dev == 'cuda' else nullcontext()
 
 
 def matmul_ceiling(dev, calls=10):
@@ -101,27 +94,20 @@ def matmul_ceiling(dev, calls=10):
 
     def fn():
         for _ in range(calls):
-            a @ b
+            a @ b  # each product is dropped at once: no 10 x 128 MiB of results held on the GPU
     return fn, calls * 2 * n ** 3
 
 
-def spec_peak(dev):
-    """Spec-sheet dense bf16 FLOP/s of a known GPU, else None (CPU, unknown GPU)."""
-    name = torch.cuda.get_device_name() if dev == 'cuda' else ''
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
-
-
 # -- models ------------------------------------------------------------------------------------------------------------
-
 def loop_config(dev, **overrides):
     """The benchmarked looped model at this device's size."""
     return GPTConfig(**{**SIZES[dev], **LOOP, **overrides})
 
 
 def width(cfg):
-    """Everything but the depth: a plain twin shares these with the looped model."""
-    return dict(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                bias=cfg.bias, dropout=cfg.dropout)
+    """Everything but the depth: a plain twin shares these (and its blocks and positions) with the looped model."""
+    keys = ('block_size', 'vocab_size', 'n_embd', 'n_head', 'bias', 'dropout', 'norm', 'pos', 'window')
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def training_flops(cfg, num_steps):
@@ -159,12 +145,12 @@ def make_train_step(model, dev, batch_size):
 
 
 # -- 1. training throughput --------------------------------------------------------------------------------------------
-
 def train_throughput(cfg, dev, batch_size, warmup, repeats, peak=None, compile=False):
     """Tokens/s of the looped model at r = mean_depth, of a plain GPT with the same training FLOPs per token, and of
-    the plain GPT that unrolls the same forward (1 + 8 x 2 + 1 = 18 layers): what truncated backprop saves (§3)."""
-    n_equal, n_unrolled = equal_flop_layers(cfg), cfg.n_prelude + cfg.mean_depth * cfg.n_loop + cfg.n_coda
-    models = {'loop': (cfg, cfg.mean_depth), 'plain': (plain_config(n_equal, **width(cfg)), 1),
+    the plain GPT that unrolls the same forward (1 + 8 x 2 + 1 = 18 layers): what truncated backprop saves (§3).
+    Each row: FLOPs counted as §6 says, MFU against the spec peak, and against the measured matmul ceiling."""
+    n_unrolled = cfg.n_prelude + cfg.mean_depth * cfg.n_loop + cfg.n_coda
+    models = {'loop': (cfg, cfg.mean_depth), 'plain': (plain_config(equal_flop_layers(cfg), **width(cfg)), 1),
               'unrolled': (plain_config(n_unrolled, **width(cfg)), 1)}
     steps = {}
     for name, (c, r) in models.items():
@@ -172,25 +158,19 @@ def train_throughput(cfg, dev, batch_size, warmup, repeats, peak=None, compile=F
         steps[name] = (lambda step, r: lambda: step(r))(make_train_step(model, dev, batch_size), r)
     steps['matmul'], matmul_flops = matmul_ceiling(dev)
     times = median_times(steps, dev, warmup, repeats)
-    ceiling = matmul_flops / times['matmul']
-    rows = {name: throughput_row(c, r, times[name], batch_size, peak, ceiling) for name, (c, r) in models.items()}
+    ceiling, tokens, rows = matmul_flops / times['matmul'], batch_size * cfg.block_size, {}
+    for name, (c, r) in models.items():
+        flops, dt = training_flops(c, r), times[name]
+        rows[name] = dict(layers=f"{c.n_prelude}+{c.n_loop}x{r}+{c.n_coda}" if r > 1 else str(c.n_layer),
+                          backprop_depth=min(r, c.backprop_depth), flops_per_token=flops, ms_per_step=1e3 * dt,
+                          tokens_per_s=tokens / dt, flops_per_s=flops * tokens / dt,
+                          mfu=flops * tokens / dt / peak if peak else None, of_ceiling=flops * tokens / dt / ceiling)
     loop, plain = rows['loop'], rows['plain']
     return dict(rows=rows, tokens_ratio=loop['tokens_per_s'] / plain['tokens_per_s'],
                 flops_ratio=loop['flops_per_s'] / plain['flops_per_s'], compiled=compile, ceiling=ceiling)
 
 
-def throughput_row(cfg, r, dt, batch_size, peak, ceiling):
-    """One model's numbers: FLOPs counted as §6 says, MFU against the spec peak, and against the measured ceiling."""
-    flops, tokens = training_flops(cfg, r), batch_size * cfg.block_size
-    return dict(layers=f"{cfg.n_prelude}+{cfg.n_loop}x{r}+{cfg.n_coda}" if r > 1 else str(cfg.n_layer),
-                backprop_depth=min(r, cfg.backprop_depth), flops_per_token=flops, ms_per_step=1e3 * dt,
-                tokens_per_s=tokens / dt, flops_per_s=flops * tokens / dt,
-                mfu=flops * tokens / dt / peak if peak else None,
-                of_ceiling=flops * tokens / dt / ceiling if ceiling else None)
-
-
 # -- 2. memory vs depth ------------------------------------------------------------------------------------------------
-
 def memory_vs_depth(cfg, dev, batch_size, depths=MEMORY_DEPTHS):
     """Peak memory of the first training step at each depth r (k = cfg.backprop_depth), in MiB: `total` is the peak,
     `step` the peak above the memory held after building the model and optimizer (activations, gradients, AdamW
@@ -203,15 +183,14 @@ def memory_vs_depth(cfg, dev, batch_size, depths=MEMORY_DEPTHS):
 
 def cuda_step_memory(cfg, r, batch_size):
     """(peak, peak - baseline) bytes from CUDA's allocator statistics, which can be reset between depths."""
-    model = build(cfg, 'cuda')
-    step = make_train_step(model, 'cuda', batch_size)
+    step = make_train_step(build(cfg, 'cuda'), 'cuda', batch_size)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
     step(r)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    del model, step
+    del step
     torch.cuda.empty_cache()
     return peak, peak - baseline
 
@@ -247,7 +226,6 @@ def peak_rss():
 
 
 # -- 3. compilation ----------------------------------------------------------------------------------------------------
-
 def compiled_graphs():
     """Graphs torch.compile has built in this process so far; a recompile adds one."""
     from torch._dynamo.utils import counters  # imported here: the memory children start 1.3 s faster without dynamo
@@ -265,7 +243,7 @@ def reset_compiler():
 
 def compile_check(cfg, dev, batch_size, warmup, repeats, depth_changes, **compile_kwargs):
     """Eager vs compile_loop() step time at r = mean_depth, compile time, and recompiles while r changes every step.
-    The warm-up (r = k + 2) builds every graph once: encode, decode, and loop_step under no_grad, with grad from a
+    The warm-up (r = k + 2) builds every graph once: prelude, coda, and loop_step under no_grad, with grad from a
     no-grad state, and with grad from a with-grad state. After that new depths must add no graph (§3 trap)."""
     eager_step = make_train_step(build(cfg, dev), dev, batch_size)
     step = make_train_step(build(cfg, dev).compile_loop(**compile_kwargs), dev, batch_size)
@@ -310,7 +288,6 @@ def runs(fn):
 
 
 # -- 4. decoding -------------------------------------------------------------------------------------------------------
-
 def inference_model(model, dev):
     """Decoding reads every weight once per token per use: on CUDA keep the weights in bf16 (half the bytes of fp32
     under autocast, which would re-cast them on every call) as gpt-fast does. On CPU fp32."""
@@ -334,6 +311,17 @@ def decoders(model, r, exit_threshold):
                                                         exit_threshold=exit_threshold)}
 
 
+def compiled_decoders(model, r, exit_threshold, mode):
+    """The cached decoders again on a compiled copy. CUDA graphs replay into fixed output buffers while the loop feeds
+    loop_step its own output (§3 trap), so outputs are cloned before the next call. Unmeasured on a GPU so far."""
+    import copy
+    compiled = copy.deepcopy(model).compile_loop(mode=mode)
+    for name in ('prelude', 'loop_step', 'coda'):
+        setattr(compiled, name, (lambda fn: lambda *a, **kw: fn(*a, **kw).clone())(getattr(compiled, name)))
+    fns = decoders(compiled, r, exit_threshold)
+    return {f'{name} (compiled, {mode})': fns[name] for name in ('cache', 'cache + exit')}
+
+
 def decode_speed(model, dev, new_tokens, repeats, r=None, exit_threshold=EXIT_THRESHOLD, compile_mode=''):
     """Batch-1 greedy decoding of `new_tokens` tokens after a PROMPT_LEN prompt: tokens/s, mean loop iterations per
     token, and GB/s of weights read (the limit at batch 1 is reading every weight for every token)."""
@@ -350,18 +338,15 @@ def decode_speed(model, dev, new_tokens, repeats, r=None, exit_threshold=EXIT_TH
              for name, fn in fns.items()}
     graphs0 = compiled_graphs()
     times = median_times(timed, dev, 0, repeats)
-    rows = {name: decode_row(model, new_tokens / times[name], last[name][1], name) for name in fns}
+    rows = {}
+    for name in fns:  # the exit test reads the coda's logits after every iteration: it reads the coda each time
+        iters = last[name][1].float().mean().item()
+        gb = weight_bytes_per_token(model, iters, 'exit' in name) / 1e9
+        rows[name] = dict(tokens_per_s=new_tokens / times[name], mean_iterations=iters,
+                          weight_gb_per_s=None if name == 'no cache' else gb * new_tokens / times[name])
     return dict(new_tokens=new_tokens, depth=r, exit_threshold=exit_threshold, rows=rows,
                 cache_speedup=rows['cache']['tokens_per_s'] / rows['no cache']['tokens_per_s'],
                 recompiles_while_timed=compiled_graphs() - graphs0)  # compiled rows: dynamic positions settle early
-
-
-def decode_row(model, tokens_per_s, depths, name):
-    iters = depths.float().mean().item()
-    reads_coda_every_iteration = 'exit' in name  # the exit test needs the coda's logits after every iteration
-    gb = weight_bytes_per_token(model, iters, reads_coda_every_iteration) / 1e9
-    return dict(tokens_per_s=tokens_per_s, mean_iterations=iters, weight_gb_per_s=None if 'no cache' in name
-                else gb * tokens_per_s)
 
 
 def weight_bytes_per_token(model, iters, coda_every_iteration=False):
@@ -374,35 +359,28 @@ def weight_bytes_per_token(model, iters, coda_every_iteration=False):
     return prelude + iters * loop + (1 + (iters if coda_every_iteration else 0)) * coda
 
 
-def compiled_decoders(model, r, exit_threshold, mode):
-    """The cached decoders again on a compiled copy. CUDA graphs replay into fixed output buffers while the loop feeds
-    loop_step its own output (§3 trap), so outputs are cloned before the next call. Unmeasured on a GPU so far."""
-    import copy
-    compiled = copy.deepcopy(model).compile_loop(mode=mode)
-    for name in ('encode', 'loop_step', 'decode'):
-        fn = getattr(compiled, name)
-        setattr(compiled, name, (lambda fn: lambda *a, **kw: fn(*a, **kw).clone())(fn))
-    fns = decoders(compiled, r, exit_threshold)
-    return {f'{name} (compiled, {mode})': fns[name] for name in ('cache', 'cache + exit')}
-
-
 # -- report ------------------------------------------------------------------------------------------------------------
-
-def cpu_name():
-    """The CPU's model name (Linux), else the architecture."""
+def environment(dev, argv):
+    """Device, versions, date and command: what every stored result carries (modded-nanogpt records)."""
+    cpus = []
     if os.path.exists('/proc/cpuinfo'):
         with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        if names:
-            return f"{names[0]} ({len(names)} cores)"
-    return f"{platform.machine()} CPU"
-
-
-def environment(dev, argv):
-    name = torch.cuda.get_device_name() if dev == 'cuda' else cpu_name()
-    return dict(device=dev, device_name=name, threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            cpus = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = f"{cpus[0]} ({len(cpus)} cores)" if cpus else f"{platform.machine()} CPU"
+    return dict(device=dev, device_name=torch.cuda.get_device_name() if dev == 'cuda' else cpu,
+                threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
                 command=' '.join(['python', 'bench.py', *argv]))
+
+
+def header(cfg, dev, batch_size, quick, argv):
+    """What every result carries: environment, settings, the model, and the FLOP/s it is measured against."""
+    model = {k: getattr(cfg, k) for k in ('n_embd', 'n_head', 'block_size', 'vocab_size', *LOOP)}
+    name = torch.cuda.get_device_name() if dev == 'cuda' else ''
+    return dict(env=environment(dev, argv), quick=quick, dtype='bf16' if dev == 'cuda' else 'fp32',
+                model=', '.join(f'{k}={v}' for k, v in model.items()), batch_size=batch_size,
+                block_size=cfg.block_size, depth=cfg.mean_depth,
+                peak=next((peak for key, peak in PEAK_FLOPS if key in name), None))  # spec sheet; None on CPU
 
 
 def table(title, header, rows):
@@ -421,18 +399,16 @@ def verdict(value, ok):
     return 'n/a' if value is None else ('met' if ok else 'MISSED')
 
 
-def mib(x):
-    return f"{x:,.1f}"
-
-
-def print_training(res):
-    tr = res['train']
-    rows = [[name, r['layers'], r['backprop_depth'], f"{r['flops_per_token'] / 1e6:,.1f}", f"{r['ms_per_step']:.1f}",
-             f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e12:.3f}", pct(r['mfu']), pct(r['of_ceiling'])]
-            for name, r in tr['rows'].items()]
+def print_report(res):
+    env, tr, mem, c, d = res['env'], res['train'], res['memory'], res['compile'], res['decode']
+    print(f"nanoloop bench | {env['device_name']}, {env['threads']} threads | torch {env['torch']} | {env['date']}")
+    print(f"{env['command']} | {res['dtype']} | {res['model']}")
     table(f"1. training: batch {res['batch_size']} x {res['block_size']} tokens, one AdamW step, "
           f"{'compile_loop()' if tr['compiled'] else 'eager'}",
-          ['model', 'layers', 'k', 'MFLOP/tok', 'ms/step', 'tok/s', 'TFLOP/s', 'MFU', 'of ceiling'], rows)
+          ['model', 'layers', 'k', 'MFLOP/tok', 'ms/step', 'tok/s', 'TFLOP/s', 'MFU', 'of ceiling'],
+          [[name, r['layers'], r['backprop_depth'], f"{r['flops_per_token'] / 1e6:,.1f}", f"{r['ms_per_step']:.1f}",
+            f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e12:.3f}", pct(r['mfu']), pct(r['of_ceiling'])]
+           for name, r in tr['rows'].items()])
     unrolled = tr['rows']['loop']['tokens_per_s'] / tr['rows']['unrolled']['tokens_per_s']
     peak, mfu = '-' if res['peak'] is None else f"{res['peak'] / 1e12:.0f}", tr['rows']['loop']['mfu']
     print(f"loop/plain at equal FLOPs: tokens/s {tr['tokens_ratio']:.2f}, FLOP/s {tr['flops_ratio']:.2f} "
@@ -440,36 +416,23 @@ def print_training(res):
           f"{unrolled:.2f}\nmatmul ceiling (measured) {tr['ceiling'] / 1e12:.3f} TFLOP/s; MFU against the spec peak "
           f"{peak} TFLOP/s: loop {pct(mfu)} "
           f"(target >= 50% at n_embd 768 on an H100: {verdict(mfu, mfu is not None and mfu >= 0.5)})")
-
-
-def print_memory(res):
-    mem = res['memory']
-    rows = [[r, mib(m['total']), mib(m['step'])] for r, m in mem['rows'].items()]
-    kind = 'torch.cuda.max_memory_allocated' if res['env']['device'] == 'cuda' else 'peak RSS, one process per r'
-    table(f"2. memory of the first training step vs depth: k = {mem['backprop_depth']}, "
-          f"batch {mem['batch_size']} ({kind})",
-          ['r', 'peak MiB', 'step MiB'], rows)
+    kind = 'torch.cuda.max_memory_allocated' if env['device'] == 'cuda' else 'peak RSS, one process per r'
+    table(f"2. memory of the first training step vs depth: k = {mem['backprop_depth']}, batch {mem['batch_size']} "
+          f"({kind})", ['r', 'peak MiB', 'step MiB'],
+          [[r, f"{m['total']:,.1f}", f"{m['step']:,.1f}"] for r, m in mem['rows'].items()])
     ratio = mem['step_ratio_64_8']
     print(f"step memory r=64 / r=8: {'-' if ratio is None else f'{ratio:.2f}'} "
           f"(target <= 1.1: {verdict(ratio, ratio is not None and ratio <= 1.1)})")
-
-
-def print_compile(res):
-    c = res['compile']
-    rows = [['eager', f"{c['eager_ms']:.1f}", '-'],
-            [f"compile_loop(backend={c['backend']})", f"{c['compiled_ms']:.1f}", f"{c['compile_s']:.1f}"]]
-    table(f"3. compilation: training step at r = {res['depth']}", ['mode', 'ms/step', 'compile s'], rows)
+    table(f"3. compilation: training step at r = {res['depth']}", ['mode', 'ms/step', 'compile s'],
+          [['eager', f"{c['eager_ms']:.1f}", '-'],
+           [f"compile_loop(backend={c['backend']})", f"{c['compiled_ms']:.1f}", f"{c['compile_s']:.1f}"]])
     print(f"graphs built in warm-up {c['warmup_graphs']}; recompiles over depths {c['depths']}: {c['recompiles']} "
           f"(target 0: {verdict(c['recompiles'], c['recompiles'] == 0)})\n"
           f"flash attention kernel: train {c['flash']['train']}; cached decode {c['flash']['decode']}")
-
-
-def print_decoding(res):
-    d = res['decode']
-    rows = [[name, f"{r['tokens_per_s']:,.1f}", f"{r['mean_iterations']:.2f}",
-             '-' if r['weight_gb_per_s'] is None else f"{r['weight_gb_per_s']:.2f}"] for name, r in d['rows'].items()]
     table(f"4. decoding ({d['model']}): batch 1, {d['new_tokens']} new tokens, greedy, depth {d['depth']} "
-          f"(exit: KL < {d['exit_threshold']:g})", ['decoder', 'tok/s', 'iters/token', 'weight GB/s'], rows)
+          f"(exit: KL < {d['exit_threshold']:g})", ['decoder', 'tok/s', 'iters/token', 'weight GB/s'],
+          [[name, f"{r['tokens_per_s']:,.1f}", f"{r['mean_iterations']:.2f}",
+            '-' if r['weight_gb_per_s'] is None else f"{r['weight_gb_per_s']:.2f}"] for name, r in d['rows'].items()])
     if d['recompiles_while_timed']:
         print(f"compiled decoding rebuilt {d['recompiles_while_timed']} graphs while timed: its rows include compiling")
     speedup = d['cache_speedup'] if d['new_tokens'] >= 512 else None  # the target is set at 512 tokens
@@ -477,42 +440,38 @@ def print_decoding(res):
           f"{verdict(speedup, speedup is not None and speedup >= 10)})")
 
 
-def print_report(res):
-    env = res['env']
-    print(f"nanoloop bench | {env['device_name']}, {env['threads']} threads | torch {env['torch']} | {env['date']}")
-    print(f"{env['command']} | {res['dtype']} | {res['model']}")
-    for section in (print_training, print_memory, print_compile, print_decoding):
-        section(res)
-
-
 # -- main --------------------------------------------------------------------------------------------------------------
-
 def log(msg):
     """Progress on stderr, so that stdout holds only the table and the JSON line."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_model(path, dev):
-    """A trained model from a train.py checkpoint (its own sizes and depth) for the decoding rows."""
-    checkpoint = torch.load(path, map_location=dev, weights_only=True)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
-    return model.to(dev)
+def settings(argv):
+    """--key=value settings checked before any work: a bad value, device, checkpoint or JSON folder is one line
+    now, not an error after minutes of benchmarking. -> (settings, the checkpoint's model or None)."""
+    opts = types.SimpleNamespace(**configure(DEFAULTS, argv))
+    if opts.device not in SIZES:
+        raise ValueError(f"device={opts.device!r} is not allowed: expected 'cpu' or 'cuda'")
+    check_device(opts.device)
+    if opts.threads < 1:
+        raise ValueError(f"threads={opts.threads} is not allowed: expected an integer >= 1")
+    if opts.decode_compile not in ('', 'default', 'reduce-overhead'):
+        raise ValueError(f"decode_compile={opts.decode_compile!r} is not allowed: expected '', 'default' or "
+                         f"'reduce-overhead'")
+    if opts.decode_compile == 'reduce-overhead' and opts.device != 'cuda':
+        raise ValueError("decode_compile='reduce-overhead' is not allowed on cpu: CUDA graphs need --device=cuda")
+    if opts.json_out and (os.path.isdir(opts.json_out) or not os.path.isdir(os.path.dirname(
+            os.path.abspath(opts.json_out)))):
+        raise ValueError(f"json_out={opts.json_out!r} is not allowed: expected a file name in an existing folder")
+    return opts, load_checkpoint(opts.ckpt)[0] if opts.ckpt else None
 
 
-def header(cfg, dev, batch_size, quick, argv):
-    """What every result carries: environment, settings, the model, and the FLOP/s it is measured against."""
-    model = {k: getattr(cfg, k) for k in ('n_embd', 'n_head', 'block_size', 'vocab_size', *LOOP)}
-    return dict(env=environment(dev, argv), quick=quick, dtype='bf16' if dev == 'cuda' else 'fp32',
-                model=', '.join(f'{k}={v}' for k, v in model.items()), batch_size=batch_size,
-                block_size=cfg.block_size, depth=cfg.mean_depth, peak=spec_peak(dev))
-
-
-def run(opts, argv):
-    """All four measurements in one run -> one result dict (what the JSON line holds)."""
-    dev, t, cfg = opts['device'], RUN[opts['quick']], loop_config(opts['device'])
-    log(f"bench on {dev}{' (quick)' if opts['quick'] else ''}")
-    res = header(cfg, dev, BATCH[dev], opts['quick'], argv)
+def run(opts, argv, model=None):
+    """All four measurements in one run -> one result dict (what the JSON line holds). model: decode this one (a
+    checkpoint's, already loaded) instead of a random model of the bench's size."""
+    dev, t, cfg = opts.device, RUN[opts.quick], loop_config(opts.device)
+    log(f"bench on {dev}{' (quick)' if opts.quick else ''}")
+    res = header(cfg, dev, BATCH[dev], opts.quick, argv)
     reset_compiler()
     log("1. training throughput: loop, equal-FLOP plain, unrolled, matmul ceiling")
     res['train'] = train_throughput(cfg, dev, BATCH[dev], t['warmup'], t['repeats'], res['peak'], compile=dev == 'cuda')
@@ -520,84 +479,34 @@ def run(opts, argv):
     reset_compiler()
     res['memory'] = memory_vs_depth(replace(cfg, backprop_depth=MEMORY_K), dev,
                                     max(1, round(t['memory_batch'] * BATCH[dev])))
+    # 3. fresh dynamo caches. --quick on CPU traces with dynamo only (backend='eager'): recompiles are dynamo's, and
+    # inductor's CPU compile takes 25 s (quiet) to over 2 min (shared) on 2 cores, so only the full run times it.
     log("3. compilation and flash attention")
-    res['compile'] = compilation(cfg, dev, t, opts['quick'])
+    reset_compiler()
+    backend = 'eager' if opts.quick and dev == 'cpu' else 'inductor'
+    res['compile'] = dict(compile_check(cfg, dev, BATCH[dev], t['warmup'], t['repeats'], t['depth_changes'],
+                                        backend=backend), backend=backend, flash=flash_check(cfg, dev))
     log(f"4. decoding {t['decode_tokens']} tokens")
-    res['decode'] = decoding(cfg, dev, t, opts['ckpt'], opts['decode_compile'])
+    reset_compiler()
+    model = model.to(dev) if model is not None else build(
+        replace(cfg, block_size=max(cfg.block_size, PROMPT_LEN + t['decode_tokens'])), dev)  # room for the tokens
+    res['decode'] = dict(decode_speed(model, dev, t['decode_tokens'], t['decode_repeats'],
+                                      compile_mode=opts.decode_compile), model=opts.ckpt or 'random init')
     return res
 
 
-def compilation(cfg, dev, t, quick):
-    """Section 3 with fresh dynamo caches (graphs built before must not count, nor against the recompile limit).
-    --quick on CPU traces with dynamo only (backend='eager'): recompiles are dynamo's, and inductor's CPU compile
-    takes 25 s (quiet) to over 2 min (shared) on 2 cores, so its step time is measured only in the full run."""
-    reset_compiler()
-    backend = 'eager' if quick and dev == 'cpu' else 'inductor'
-    res = compile_check(cfg, dev, BATCH[dev], t['warmup'], t['repeats'], t['depth_changes'], backend=backend)
-    return dict(res, backend=backend, flash=flash_check(cfg, dev))
-
-
-def decoding(cfg, dev, t, ckpt_path, compile_mode):
-    """Section 4 on a random model of the bench's size (room for prompt + new tokens), or on a checkpoint's model."""
-    reset_compiler()
-    if ckpt_path:
-        model = load_model(ckpt_path, dev)
-    else:
-        model = build(replace(cfg, block_size=max(cfg.block_size, PROMPT_LEN + t['decode_tokens'])), dev)
-    res = decode_speed(model, dev, t['decode_tokens'], t['decode_repeats'], compile_mode=compile_mode)
-    return dict(res, model=ckpt_path or 'random init')
-
-
-# --key=value settings: key -> (parse: str -> value, or None when not allowed; what is allowed)
-SETTINGS = {
-    'device': (lambda v: v if v in ('cpu', 'cuda') else None, "'cpu' or 'cuda'"),
-    'quick': (lambda v: {'True': True, 'False': False}.get(v), 'True or False'),
-    'json': (lambda v: v if v and os.path.isdir(os.path.dirname(os.path.abspath(v))) else None,
-             'a file name in an existing directory'),
-    'threads': (lambda v: int(v) if v.isdigit() and int(v) >= 1 else None, 'an integer >= 1'),
-    'ckpt': (lambda v: v if os.path.isfile(v) else None, 'an existing checkpoint file'),
-    'decode_compile': (lambda v: v if v in ('', 'default', 'reduce-overhead') else None,
-                       "'', 'default' or 'reduce-overhead'"),
-}
-
-
-def parse_args(argv):
-    """--key=value (or --key value) for the settings above; a bare --quick means --quick=True."""
-    opts = dict(device=device, quick=quick, json=json_file, threads=threads, ckpt=ckpt, decode_compile=decode_compile)
-    args = iter(argv)
-    for arg in args:
-        key, eq, value = arg[2:].partition('=') if arg.startswith('--') else (arg, '', '')
-        if key not in SETTINGS:
-            raise ValueError(f"unknown argument {arg!r}: expected --key=value with key one of {tuple(SETTINGS)}")
-        if not eq:
-            value = 'True' if key == 'quick' else next(args, '')
-        parse, allowed = SETTINGS[key]
-        opts[key] = parse(value)
-        if opts[key] is None:
-            raise ValueError(f"--{key}={value!r} is not allowed: expected {allowed}")
-    check_device(opts)
-    return opts
-
-
-def check_device(opts):
-    if opts['device'] == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("--device=cuda is not allowed here: torch.cuda.is_available() is False (use --device=cpu)")
-    if opts['decode_compile'] == 'reduce-overhead' and opts['device'] != 'cuda':
-        raise ValueError("--decode_compile='reduce-overhead' is not allowed on cpu: CUDA graphs need --device=cuda")
-
-
 def main(argv):
-    opts = parse_args(argv)
-    if opts['device'] == 'cpu':
-        torch.set_num_threads(opts['threads'])
-    if opts['device'] == 'cuda':
+    opts, model = settings(argv)
+    if opts.device == 'cpu':
+        torch.set_num_threads(opts.threads)
+    else:
         torch.set_float32_matmul_precision('high')  # TF32 for any fp32 matmul left outside autocast
-    res = run(opts, argv)
+    res = run(opts, argv, model)
     print_report(res)
     line = json.dumps(res)
     print(line)
-    if opts['json']:
-        with open(opts['json'], 'w') as f:
+    if opts.json_out:
+        with open(opts.json_out, 'w') as f:
             f.write(line + '\n')
 
 

@@ -1,7 +1,7 @@
 """
 nanoloop: a recurrent-depth GPT in one file.
 
-    tokens -> Prelude (encode) -> s_0 = init_state(e) -> [ s = Loop(inject(s, e)) ] x r -> Coda (decode) -> logits
+    tokens -> prelude -> e -> s_0 = init_state(e) -> [ s = loop_step(s, e) = Loop(inject(s, e)) ] x r -> coda -> logits
 
 The loop block reuses the same weights every iteration, so parameters do not grow with r: depth is chosen at run time.
 Huginn (Geiping et al., arXiv 2502.05171) trains this from scratch with a random r every step; ETD (Koishekenov et al.,
@@ -146,6 +146,15 @@ def rotary_table(n_positions, head_dim, base=10000.0):
     return angles.cos(), angles.sin()
 
 
+def attention_mask(T, pos, window, device):
+    """(T, pos + T) bool: query pos + i sees key j if j <= pos + i and, with a window w > 0, j > pos + i - w. A window
+    of 2 (itself and the token before) makes each layer carry information one position further, so one more loop
+    iteration is one more sequential step (the depth showcase)."""
+    q = torch.arange(pos, pos + T, device=device)[:, None]
+    k = torch.arange(pos + T, device=device)[None, :]
+    return (k <= q) & ((k > q - window) if window else True)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks: GPT-2's pre-norm block, or Huginn's sandwich block
 
@@ -162,7 +171,7 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rotary_table(config.block_size, config.n_embd // config.n_head)
             self.register_buffer('cos', cos, persistent=False)
             self.register_buffer('sin', sin, persistent=False)
-        self.rope = config.pos == 'rope'
+        self.rope, self.window = config.pos == 'rope', config.window
 
     def forward(self, x, kv=None, pos=0):
         B, T, C = x.size()
@@ -170,12 +179,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
         if self.rope:
             q, k = (rotate(t, self.cos[pos:pos + T], self.sin[pos:pos + T]) for t in (q, k))
-        mask = None
         if kv is not None:  # decoding: store this chunk at pos, attend to everything cached up to it
             kv[0, :, :, pos:pos + T], kv[1, :, :, pos:pos + T] = k, v
             k, v = kv[0, :, :, :pos + T], kv[1, :, :, :pos + T]
-            if T > 1 and pos > 0:  # is_causal aligns top-left, a chunk after a prefix needs the offset mask
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        # is_causal aligns top-left: a chunk after a cached prefix, or a local window, needs an explicit mask
+        mask = attention_mask(T, pos, self.window, x.device) if self.window or (kv is not None and pos and T > 1) else None
         # flash attention on CUDA when there is no explicit mask (§3 trap: a mask or fp32 falls back to slower kernels)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=mask is None and T > 1)
@@ -233,7 +241,7 @@ class KVCache:
 INJECT = ('concat', 'add', 'none')
 INIT_STATE = ('noise', 'embed', 'zeros')
 NORM = ('pre', 'sandwich')
-POS = ('learned', 'rope')
+POS = ('learned', 'rope', 'none')
 
 
 @dataclass
@@ -248,13 +256,13 @@ class GPTConfig:
     mean_depth: int = 4          # mean loop iterations r: eval default; training draws r around it (E[r] = mean + 1)
     max_depth: int = 16          # cap on the drawn r and on adaptive decoding
     backprop_depth: int = 4      # k: backprop through the last k iterations only (§3)
-    inject: str = 'concat'       # how e re-enters each iteration: 'concat' (Huginn adapter) | 'add' | 'none' (ETD)
+    inject: str = 'add'          # how e re-enters each iteration: 'add' (s + e) | 'concat' (Huginn adapter) | 'none' (ETD)
     init_state: str = 'noise'    # s_0: 'noise' (Huginn) | 'embed' (ETD: s_0 = e) | 'zeros' (exact, for tests)
-    state_std: float = 0.02      # std of the noise state
-    norm_state: bool = True      # LayerNorm the state after every iteration: keeps its scale bounded for any r (§3 trap)
-    norm: str = 'pre'            # block: 'pre' (GPT-2: x + f(LN x)) | 'sandwich' (Huginn: LN(x + f(LN x)))
-    pos: str = 'learned'         # positions: 'learned' (GPT-2's table) | 'rope' (rotary, Huginn; no parameters)
-    scale_embed: bool = False    # multiply token embeddings by sqrt(n_embd) (Huginn)
+    state_std: float = 1.0       # std of the noise state: ~ the scale of e after a sandwich block (Huginn)
+    norm_state: bool = False     # LayerNorm the state after every iteration (bounds a pre-norm loop; §3 trap)
+    norm: str = 'sandwich'       # block: 'sandwich' (Huginn: LN(x + f(LN x))) | 'pre' (GPT-2: x + f(LN x))
+    pos: str = 'rope'            # positions: 'rope' (rotary, Huginn) | 'learned' (GPT-2's table) | 'none' (only the mask)
+    window: int = 0              # attention sees the last `window` tokens (0 = all; a window uses no flash kernel)
     dropout: float = 0.0
     bias: bool = False           # biases in Linears and LayerNorms (GPT-2 has them)
     router: bool = False         # add ETD's halting router (Linear(d->1) + sigmoid on the state) for exit_rule='router'
@@ -273,6 +281,7 @@ class GPTConfig:
         _check(self, 'init_state', self.init_state in INIT_STATE, f'one of {INIT_STATE}')
         _check(self, 'norm', self.norm in NORM, f'one of {NORM}')
         _check(self, 'pos', self.pos in POS, f'one of {POS}')
+        _check(self, 'window', _is_int(self.window) and self.window >= 0, 'an integer >= 0 (0 = no window)')
         _check(self, 'state_std', isinstance(self.state_std, (int, float)) and self.state_std > 0, 'a number > 0')
         _check(self, 'dropout', isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, 'a number in [0, 1)')
         _check(self, 'router_cost', isinstance(self.router_cost, (int, float)) and self.router_cost >= 0, 'a number >= 0')
@@ -344,9 +353,9 @@ class GPT(nn.Module):
 
     # -- the three stages (ETD's names), each a unit that compile_loop() can compile on its own --------------------------
 
-    def encode(self, idx, cache=None, pos=0):
+    def prelude(self, idx, cache=None, pos=0):
         """Prelude: tokens (B, T) at positions pos.. -> e (B, T, C)."""
-        x = self.transformer.wte(idx) * (math.sqrt(self.config.n_embd) if self.config.scale_embed else 1.0)
+        x = self.transformer.wte(idx)
         if self.transformer.wpe is not None:  # learned positions; RoPE turns q and k inside attention instead
             x = x + self.transformer.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
         x = self.transformer.drop(x)
@@ -366,7 +375,7 @@ class GPT(nn.Module):
         x = self.ln_state(x)
         return x if active is None else freeze_exited(x, s, active)
 
-    def decode(self, s, cache=None, pos=0):
+    def coda(self, s, cache=None, pos=0):
         """Coda, final norm and tied head: state (B, T, C) -> logits (B, T, V)."""
         for j, block in enumerate(self.transformer.coda):
             s = block(s, None if cache is None else cache.coda[j], pos)
@@ -378,7 +387,7 @@ class GPT(nn.Module):
         """(logits (B, T, V), loss or None). Depth: `num_steps` fixes r; else training draws r (§3) and eval uses
         mean_depth. `depths` (B, T) gives each position its own number of iterations instead (§5)."""
         r = self._depth(idx, num_steps, depths)
-        e = self.encode(idx)
+        e = self.prelude(idx)
         s = init_state(e, self.config.init_state, self.config.state_std, generator)
         held, states = [None] * self.config.n_loop, []
         train_router = self.router is not None and targets is not None and self.training
@@ -389,7 +398,7 @@ class GPT(nn.Module):
                 states.append(s.detach())
             return s
         s = truncated_loop(step, s, r, self.config.backprop_depth)
-        logits = self.decode(s)
+        logits = self.coda(s)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         if train_router:
             loss = loss + self.router_loss(states, targets)
@@ -404,7 +413,7 @@ class GPT(nn.Module):
         iteration, E_halt[CE_i + router_cost * i], with the per-iteration losses CE_i measured without gradient and
         the states detached, so only the router learns and the language model's training is untouched."""
         with torch.no_grad():
-            ce = torch.stack([F.cross_entropy(self.decode(s).flatten(0, 1), targets.flatten(), ignore_index=-1,
+            ce = torch.stack([F.cross_entropy(self.coda(s).flatten(0, 1), targets.flatten(), ignore_index=-1,
                                               reduction='none').view_as(targets) for s in states])     # (R, B, T)
         halt = halting_distribution(torch.stack([self.halt_prob(s) for s in states]))          # (R, B, T)
         cost = torch.arange(1, len(states) + 1, device=ce.device).view(-1, 1, 1) * self.config.router_cost
@@ -439,7 +448,7 @@ class GPT(nn.Module):
         It approximates decoding: here a position's exit test reads earlier positions' *current* coda states, while a
         decoder reads their final ones, so the chosen depths (not the logits given them) may differ from generate's."""
         R = self._depth(idx, num_steps or self.config.max_depth, None)
-        e = self.encode(idx)
+        e = self.prelude(idx)
         s = init_state(e, self.config.init_state, self.config.state_std)
         exit_test = ExitTest(self, exit_rule, exit_threshold, idx.shape, R)
         held = [None] * self.config.n_loop
@@ -447,7 +456,7 @@ class GPT(nn.Module):
             s = self.loop_step(s, e, exit_test.active, held)
             if exit_test.update(s, i):
                 break
-        logits = exit_test.logits if exit_test.logits is not None else self.decode(s)
+        logits = exit_test.logits if exit_test.logits is not None else self.coda(s)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss, exit_test.depths
 
@@ -458,7 +467,7 @@ class GPT(nn.Module):
         """Positions pos..pos+T-1 through the model, reading and writing `cache`. With an ExitTest each row stops on its
         own: it is frozen, and once every row stopped its latest keys/values are copied forward (fill_latest).
         -> (logits (B, T, V), final state (B, T, C))."""
-        e = self.encode(idx, cache, pos)
+        e = self.prelude(idx, cache, pos)
         s = init_state(e, self.config.init_state, self.config.state_std) if s0 is None else s0
         for i in range(num_steps):
             s = self.loop_step(s, e, None if exit_test is None else exit_test.active, None, cache.loop[i], pos)
@@ -467,7 +476,7 @@ class GPT(nn.Module):
                 if exit_test.logits is not None:  # the exit test already read the final state through the coda
                     return exit_test.logits, s
                 break
-        return self.decode(s, cache, pos), s  # the last coda write at pos is from the final state
+        return self.coda(s, cache, pos), s  # the last coda write at pos is from the final state
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
@@ -479,7 +488,9 @@ class GPT(nn.Module):
         warm_start (continuous thought, §5): a position's first state is the previous position's final state.
         A prompt longer than block_size is cropped from the left; when the window fills up, decoding restarts from
         the last block_size // 2 tokens (learned positions cannot slide under a cache)."""
-        R = self._depth(idx[:, -self.config.block_size:], num_steps or self.config.mean_depth, None)
+        check_generate_args(idx, self.config.vocab_size, max_new_tokens, temperature, top_k, exit_threshold)
+        R = self._depth(idx[:, -self.config.block_size:], self.config.mean_depth if num_steps is None else num_steps,
+                        None)
         tokens = idx[:, -self.config.block_size:]
         cache = self.new_cache(idx, R)
         pos, s_prev = self.prefill(tokens, cache, R)
@@ -550,9 +561,24 @@ class GPT(nn.Module):
         """torch.compile the three stages separately and keep the loop in Python (§3 trap): a compiled Python loop is
         unrolled and recompiled for every new r. The compiled functions shadow the methods on this instance only,
         so state_dict() keeps plain names."""
-        for name in ('encode', 'loop_step', 'decode'):
+        for name in ('prelude', 'loop_step', 'coda'):
             setattr(self, name, torch.compile(getattr(self, name), **kwargs))
         return self
+
+
+def check_generate_args(idx, vocab_size, max_new_tokens, temperature, top_k, exit_threshold):
+    """generate's contract, checked up front like forward's: one ValueError naming the bad value."""
+    if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.size(0) * idx.size(1) > 0 and not idx.is_floating_point()):
+        raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got {getattr(idx, 'shape', idx)!r}")
+    if idx.min() < 0 or idx.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {idx.min().item()}..{idx.max().item()}")
+    for name, value, ok, allowed in (
+            ('max_new_tokens', max_new_tokens, _is_int(max_new_tokens) and max_new_tokens >= 0, 'an integer >= 0'),
+            ('temperature', temperature, isinstance(temperature, (int, float)) and temperature >= 0, 'a number >= 0'),
+            ('top_k', top_k, top_k is None or (_is_int(top_k) and top_k >= 1), 'None (all) or an integer >= 1'),
+            ('exit_threshold', exit_threshold, exit_threshold is None or exit_threshold >= 0, 'None (off) or >= 0')):
+        if not ok:
+            raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
 
 
 def load_checkpoint(path, device='cpu'):
@@ -611,7 +637,7 @@ class ExitTest:
             self.remaining = self.remaining * (1 - self.model.halt_prob(s))
             holds = self.converged(self.remaining, self.eps)
         else:
-            self.logits = self.model.decode(s, cache, pos)
+            self.logits = self.model.coda(s, cache, pos)
             logp = F.log_softmax(self.logits.float(), dim=-1)
             holds, self.logp = self.converged(self.logp, logp, self.eps), logp
         self.streak = torch.where(holds, self.streak + 1, 0)

@@ -20,6 +20,8 @@ import functools
 import numpy as np
 import torch
 
+from configurator import checked, configure
+
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 SHAKESPEARE = os.path.join(REPO_DATA, 'shakespeare_char', 'input.txt')  # shipped in the repo, never ../shared
 BPE_PATH = os.path.join(REPO_DATA, 'gpt2_bpe.tiktoken')  # GPT-2 merge ranks, shipped so `text` works offline
@@ -52,10 +54,18 @@ DEFAULTS = {
 
 def save_atomic(path, write):
     """write(f) into a temporary file, then rename: an interrupted run never leaves a half file under the real name.
-    The temporary name carries the process id, so two runs preparing the same dataset at once do not collide."""
+    The temporary name carries the process id, so two runs preparing the same dataset at once do not collide.
+    Replacing any other output first removes meta.json, which is written last: a run killed halfway leaves a folder
+    that is_prepared() redoes, never old meta beside new data."""
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'wb') as f:
         write(f)
+    meta = os.path.join(os.path.dirname(path), 'meta.json')
+    if path != meta:
+        try:
+            os.remove(meta)
+        except FileNotFoundError:  # not there yet, or a concurrent run removed it first
+            pass
     os.replace(tmp, path)
 
 
@@ -327,13 +337,7 @@ def check_options(name, kwargs):
     if name not in DEFAULTS:
         raise ValueError(f'unknown dataset {name!r}; allowed: {", ".join(DEFAULTS)}')
     allowed = {**COMMON, **DEFAULTS[name]}
-    for key, value in kwargs.items():
-        if key not in allowed:
-            raise ValueError(f'unknown option --{key} for {name}; allowed: {", ".join("--" + k for k in allowed)}')
-        default = allowed[key]
-        if type(value) is not type(default):  # bool is not accepted for int, nor int for bool
-            raise ValueError(f'--{key}={value!r} must be {type(default).__name__} (like the default {default!r})')
-    return {**allowed, **kwargs}
+    return {**allowed, **{key: checked(allowed, key, value, f'options of {name}') for key, value in kwargs.items()}}
 
 
 def input_files(name, opts):
@@ -371,33 +375,13 @@ def prepare(dataset, /, **kwargs):
     return out_dir
 
 
-def parse_value(key, text, default):
-    """CLI string -> the type of the option's default (str stays str, so --name=123 is a name)."""
-    if isinstance(default, bool):
-        if text.lower() not in ('true', 'false', '1', '0', ''):
-            raise ValueError(f'--{key}={text!r} must be true or false')
-        return text.lower() in ('true', '1', '')  # a bare --force means true
-    if isinstance(default, int):
-        try:
-            return int(text.replace('_', ''))
-        except ValueError:
-            raise ValueError(f'--{key}={text!r} must be an integer') from None
-    return text
-
-
 def parse_args(argv):
-    """['reasoning', '--max_hops=3'] -> ('reasoning', {'max_hops': 3})."""
+    """['prefix_sums', '--length=16'] -> ('prefix_sums', options): the dataset's options through the shared
+    configurator (a bare --force is --force=True)."""
     if not argv or argv[0].startswith('-'):
         raise ValueError(f'usage: python prepare.py <dataset> [--key=value ...]; datasets: {", ".join(DEFAULTS)}')
-    name, kwargs = argv[0], {}
-    check_options(name, {})
-    allowed = {**COMMON, **DEFAULTS[name]}
-    for arg in argv[1:]:
-        key, _, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or key not in allowed:
-            raise ValueError(f'unknown option {arg!r} for {name}; allowed: {", ".join("--" + k for k in allowed)}')
-        kwargs[key] = parse_value(key, text, allowed[key])
-    return name, kwargs
+    check_options(argv[0], {})
+    return argv[0], configure({**COMMON, **DEFAULTS[argv[0]]}, argv[1:])
 
 
 if __name__ == '__main__':

@@ -19,28 +19,27 @@ versus running every token at the fixed depth R, tokens/s.
 import codecs
 import importlib.util
 import os
-import pickle
 import re
 import sys
 import time
 import types
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig
-from train import configure  # defaults <- config/*.py <- --key=value, one clear line for a bad key or type
+import prepare
+from configurator import configure
+from model import EXIT_RULES, load_checkpoint
 
 # -----------------------------------------------------------------------------
-# default config values, overridden by config/<file>.py and --key=value (a bare --flag sets a bool flag to True)
-out_dir = 'out'                # folder with ckpt.pt (train.py's out_dir)
+# default config values, overridden by config/<file>.py and --key=value (configurator.py; a bare --flag = True)
+out_dir = 'out'                # folder with ckpt.pt (train.py's or etd.py's out_dir), or the ckpt.pt file itself
 start = '\n'                   # the prompt, or 'FILE:prompt.txt' to read it from a file
 num_samples = 3                # samples, one after the other at batch 1
 max_new_tokens = 300           # tokens generated per sample
 temperature = 0.8              # 0 = greedy; < 1 sharper, > 1 more random
-top_k = 200                    # keep the k most likely tokens; 0 = all
+top_k = 200                    # keep the k most likely tokens (>= 1; the vocabulary size or more keeps all)
 seed = 1337
 num_steps = 0                  # R, loop iterations per token; 0 = mean_depth, or max_depth with adaptive exit
 exit_threshold = -1.0          # EPS: adaptive exit once the rule's distance < EPS (Huginn: kl 5e-4); < 0 = off
@@ -61,44 +60,33 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False                # torch.compile prelude / loop step / coda (model.compile_loop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-RULES = ('kl', 'entropy', 'argmax-stable', 'router')  # model.EXIT_RULES, plus the router of a model that has one
 COLORS = ('auto', 'always', 'never')
 
 # -----------------------------------------------------------------------------
 # flags
-
-
-def bare_flags(argv):
-    """nanoGPT wants --flag=True; also accept a bare --flag for the boolean settings."""
-    bools = {k for k, v in DEFAULTS.items() if isinstance(v, bool)}
-    return [a + '=True' if a.startswith('--') and a[2:] in bools else a for a in argv]
-
-
 def check_flags(cfg):
-    """Impossible values and combinations, each reported in one line before any work is done."""
-    for key, low in (('num_samples', 1), ('max_new_tokens', 1), ('num_steps', 0), ('top_k', 0), ('draft_steps', 1),
+    """Every impossible value or combination, in one line, before any work is done."""
+    for key, low in (('num_samples', 1), ('max_new_tokens', 1), ('num_steps', 0), ('top_k', 1), ('draft_steps', 1),
                      ('n_draft', 1), ('sweep_batches', 1), ('sweep_batch_size', 1)):
         if getattr(cfg, key) < low:
             raise ValueError(f"{key}={getattr(cfg, key)} is not allowed: expected an integer >= {low}")
     if cfg.temperature < 0:
         raise ValueError(f"temperature={cfg.temperature} is not allowed: expected a number >= 0 (0 = greedy)")
-    for key, allowed in (('exit_rule', RULES), ('color', COLORS), ('dtype', tuple(DTYPES))):
+    for key, allowed in (('exit_rule', tuple(EXIT_RULES)), ('color', COLORS), ('dtype', tuple(DTYPES))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not allowed: expected one of {allowed}")
-    adaptive = cfg.exit_threshold >= 0
-    for a, on_a, b, on_b, why in (
-            ('speculative', cfg.speculative, 'exit_threshold', adaptive, 'every token is verified at the full depth R'),
-            ('speculative', cfg.speculative, 'warm_start', cfg.warm_start, 'the verify pass runs a chunk at once'),
-            ('sweep', cfg.sweep, 'speculative', cfg.speculative, 'the sweep is teacher-forced, it decodes nothing'),
-            ('sweep', cfg.sweep, 'warm_start', cfg.warm_start, 'the sweep is teacher-forced, it decodes nothing')):
-        if on_a and on_b:
+    for a, b, why in (('speculative', 'exit_threshold', 'every token is verified at the full depth R'),
+                      ('speculative', 'warm_start', 'the verify pass runs a chunk at once'),
+                      ('sweep', 'speculative', 'the sweep is teacher-forced, it decodes nothing'),
+                      ('sweep', 'warm_start', 'the sweep is teacher-forced, it decodes nothing')):
+        if getattr(cfg, a) and (cfg.exit_threshold >= 0 if b == 'exit_threshold' else getattr(cfg, b)):
             raise ValueError(f"--{a} with --{b}={getattr(cfg, b)} is not possible: {why}")
-    if 'cuda' in cfg.device and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} is not available here: use --device=cpu")
+    check_device(cfg.device)  # before the checkpoint: a bad device is never blamed on the file
     if cfg.plot and not cfg.sweep:
         raise ValueError(f"plot={cfg.plot!r} needs --sweep (it plots the sweep)")
+    if cfg.plot and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.plot))):
+        raise ValueError(f"plot={cfg.plot!r}: its folder does not exist (create it first)")
     if cfg.plot and importlib.util.find_spec('matplotlib') is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
     sweep_eps(cfg.sweep_thresholds)
@@ -117,7 +105,7 @@ def sweep_eps(text):
 
 def check_model_flags(cfg, config):
     """The checks that need the checkpoint's architecture; returns R, the depth every token is compared against."""
-    if cfg.exit_rule == 'router' and (cfg.exit_threshold >= 0 or cfg.sweep) and not getattr(config, 'router', False):
+    if cfg.exit_rule == 'router' and (cfg.exit_threshold >= 0 or cfg.sweep) and not config.router:
         raise ValueError("exit_rule='router' needs a model trained with the halting router (router=True); this "
                          "checkpoint has none: use kl, entropy or argmax-stable")
     R = cfg.num_steps or (config.max_depth if cfg.exit_threshold >= 0 else config.mean_depth)
@@ -125,105 +113,72 @@ def check_model_flags(cfg, config):
         raise ValueError(f"draft_steps={cfg.draft_steps} is not allowed: expected 1..R={R} (drafts are the cheap ones)")
     return R
 
+
+def check_device(device):
+    """One line naming a device that is not usable here, and the ones that are (bench.py uses it too)."""
+    here = ['cpu', *(f'cuda:{i}' for i in range(torch.cuda.device_count()))]
+    here += ['mps'] * torch.backends.mps.is_available()
+    if device not in here + ['cuda'] * torch.cuda.is_available():
+        raise ValueError(f"device={device!r} is not available here: expected one of {', '.join(here)}")
+
+
+def sync(device):
+    """CUDA launches are asynchronous: wait for the GPU so the clock measures its work, not the launch."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
 # -----------------------------------------------------------------------------
-# checkpoint, vocabulary, prompt
-
-
-def load_checkpoint(path, device):
-    """(model in eval mode, the train config dict it was trained with) from train.py's ckpt.pt."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}: train one (python train.py --out_dir=...) or pass --out_dir=DIR")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ckpt['model_args']))
-        model.load_state_dict(ckpt['model'])
-    except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} is not a nanoloop checkpoint that this model.py can load: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return model.to(device).eval(), ckpt.get('config', {})
-
-
-def dataset_path(cfg, train_cfg):
-    """data/<dataset>/ of the checkpoint's training run (or of --data_dir)."""
-    root = cfg.data_dir or train_cfg.get('data_dir') or os.path.join(REPO_DIR, 'data')
-    return os.path.join(root, train_cfg.get('dataset', 'shakespeare_char'))
-
-
-def load_vocab(path, vocab_size):
-    """(encode: str -> ids, pieces: ids -> one string per token) for the dataset's char vocabulary (meta.pkl's
-    stoi/itos) or GPT-2 BPE (meta tokenizer='gpt2', or no meta.pkl and a GPT-2 sized model, e.g. from etd.py)."""
-    meta_path = os.path.join(path, 'meta.pkl')
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path, 'rb') as f:
-            meta = pickle.load(f)
-    if 'stoi' in meta:
-        from prepare import encode  # names a character outside the vocabulary
-        return lambda s: encode(s, meta), lambda ids: [meta['itos'].get(i, '\ufffd') for i in ids]
-    if meta.get('tokenizer') == 'gpt2' or (not meta and vocab_size >= 50257):
-        from prepare import gpt2_encoding
-        enc = gpt2_encoding()
-        return lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}), lambda ids: bpe_pieces(enc, ids)
-    raise ValueError(f"no vocabulary for this checkpoint: {meta_path} is missing or has neither stoi nor "
-                     f"tokenizer='gpt2' (pass --data_dir=DIR holding the dataset it was trained on)")
+# vocabulary and prompt (prepare.py's meta.json, encode and decode)
+def vocabulary(cfg, train_cfg, vocab_size):
+    """(encode: str -> ids, pieces: ids -> one string per token) in the vocabulary of the checkpoint's dataset."""
+    path = prepare.dataset_dir(train_cfg.get('dataset', 'shakespeare_char'), cfg.data_dir or train_cfg.get('data_dir'))
+    meta = prepare.read_meta(path) or ({'tokenizer': 'gpt2'} if vocab_size >= 50257 else {})  # GPT-2 from etd.py
+    if 'chars' in meta and meta['vocab_size'] != vocab_size:
+        raise ValueError(f"{path} has {meta['vocab_size']} tokens but the checkpoint {vocab_size}: pass --data_dir=DIR "
+                         f"holding the dataset it was trained on")
+    if 'chars' in meta:
+        return lambda s: prepare.encode(s, meta), lambda ids: [prepare.decode([i], meta) for i in ids]
+    if meta.get('tokenizer') == 'gpt2':
+        return lambda s: prepare.encode(s, meta), lambda ids: bpe_pieces(prepare.gpt2_encoding(), ids)
+    raise ValueError(f"no vocabulary for this checkpoint: {path}/meta.json is missing (pass --data_dir=DIR holding the "
+                     f"dataset it was trained on, or prepare it with prepare.py)")
 
 
 def bpe_pieces(enc, ids):
     """One string per GPT-2 token. BPE is byte-level, so a token can end inside a multi-byte character: its bytes
-    wait in the incremental decoder and show up with the token that completes the character."""
+    wait in the incremental decoder and show up with the token that completes the character. Ids above GPT-2's
+    50257 (the vocabulary is padded to 50304) show as U+FFFD."""
     decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-    pieces = []
-    for i in ids:
-        try:
-            pieces.append(decoder.decode(enc.decode_single_token_bytes(i)))
-        except KeyError:  # a padding id above GPT-2's 50257 (the vocabulary is padded to 50304)
-            pieces.append('\ufffd')
-    if pieces:
-        pieces[-1] += decoder.decode(b'', final=True)
-    return pieces
+    pieces = [decoder.decode(enc.decode_single_token_bytes(i) if i < enc.n_vocab else b'\xef\xbf\xbd') for i in ids]
+    return pieces[:-1] + [pieces[-1] + decoder.decode(b'', final=True)] if pieces else pieces
 
 
 def read_start(start):
     """The prompt: the text itself, or the contents of FILE for 'FILE:path' (nanoGPT)."""
     if start.startswith('FILE:'):
-        path = start[5:]
-        if not os.path.isfile(path):
-            raise ValueError(f"start={start!r}: no such file {path!r}")
-        with open(path, 'r', encoding='utf-8') as f:
-            start = f.read()
+        if not os.path.isfile(start[5:]):
+            raise ValueError(f"start={start!r}: no such file {start[5:]!r}")
+        start = prepare.read_utf8(start[5:])  # names the file and the first byte that is not UTF-8
     if not start:
         raise ValueError("start='' is not allowed: the prompt needs at least one token (the default is a newline)")
     return start
 
 # -----------------------------------------------------------------------------
 # showing the depth of every token: 256-colour shading, or text[depth] markup
-
-
 RAMP = (27, 33, 39, 45, 51, 50, 49, 48, 47, 46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)  # blue -> red
 ESCAPES = {'\\': '\\\\', '[': '\\[', ']': '\\]', '\n': '\\n', '\r': '\\r'}
 UNESCAPES = {'\\': '\\', '[': '[', ']': ']', 'n': '\n', 'r': '\r'}
 MARKUP = re.compile(r'((?:[^\\\[\]]|\\[\\\[\]nr])*)\[(\d+|prompt)\]')  # escaped text, then [iterations] or [prompt]
 
 
-def depth_color(d, R):
-    """256-colour code for d iterations out of R: few = blue, many = red."""
-    return RAMP[round((min(d, R) - 1) * (len(RAMP) - 1) / max(R - 1, 1))]
-
-
 def colored(text, d, R):
-    return f"\033[38;5;{depth_color(d, R)}m{text}\033[0m"
-
-
-def legend(R):
-    return 'iterations per token: ' + ' '.join(colored(str(d), d, R) for d in range(1, R + 1)) + '  (prompt: plain)'
-
-
-def escape(text):
-    return ''.join(ESCAPES.get(c, c) for c in text)
+    """text in the 256-colour code for d iterations out of R: few = blue, many = red."""
+    return f"\033[38;5;{RAMP[round((min(d, R) - 1) * (len(RAMP) - 1) / max(R - 1, 1))]}m{text}\033[0m"
 
 
 def markup(prompt, pieces, depths):
     """One line: 'prompt[prompt]' then 'text[iterations]' per generated token, text escaped (see parse_markup)."""
+    escape = lambda text: ''.join(ESCAPES.get(c, c) for c in text)
     return escape(prompt) + '[prompt]' + ''.join(f"{escape(t)}[{d}]" for t, d in zip(pieces, depths))
 
 
@@ -240,20 +195,14 @@ def parse_markup(s):
     return out
 
 
-def render(prompt, pieces, depths, R, use_color):
-    if not use_color:
-        return markup(prompt, pieces, depths)
-    return prompt + ''.join(colored(t, d, R) for t, d in zip(pieces, depths))
-
-
 def summary(i, n, depths, R, seconds, stats=None):
     """Iterations per token and the compute saved against running every token at R (loop iterations only; negative
     when more were spent, as self-speculative decoding does)."""
     d = depths.float()
     spent = stats['loop_iters'] if stats else d.sum().item()  # speculative: drafts and rejected positions count too
-    saved = 1 - spent / (R * d.numel())
+    saved = 100 * (1 - spent / (R * d.numel()))
     line = (f"--- sample {i + 1}/{n}: {d.numel()} tokens, iterations/token mean {d.mean().item():.2f} min "
-            f"{int(d.min())} max {int(d.max())}, compute saved vs fixed R={R}: {100 * saved:.1f}%, "
+            f"{int(d.min())} max {int(d.max())}, compute saved vs fixed R={R}: {saved:.1f}%, "
             f"{d.numel() / seconds:.1f} tok/s")
     if stats:
         line += (f" | speculative: {stats['accepted']}/{stats['drafted']} drafts accepted "
@@ -263,24 +212,16 @@ def summary(i, n, depths, R, seconds, stats=None):
 
 # -----------------------------------------------------------------------------
 # self-speculative decoding: the shallow model drafts, the deep model verifies (METHOD.md §5)
-
-
 def token_probs(logits, temperature, top_k=None):
-    """The distribution sampling draws from (model.sample_token's): one-hot argmax at temperature 0."""
+    """The distribution model.sample_token draws from (top_k None = all): one-hot argmax at temperature 0, so that
+    torch.multinomial on it is the greedy choice too."""
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits.float() / temperature
-    if top_k:
+    if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[..., -1:], -float('inf'))
     return F.softmax(logits, dim=-1)
-
-
-def pick(probs, temperature, generator=None):
-    """One token per row (B, V) -> (B, 1): argmax when greedy, else a draw."""
-    if temperature == 0:
-        return probs.argmax(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 def draft_tokens(model, last, cache, pos, steps, n, temperature, top_k, generator):
@@ -291,31 +232,27 @@ def draft_tokens(model, last, cache, pos, steps, n, temperature, top_k, generato
     for j in range(n):
         logits, _ = model.forward_cached(last, cache, pos + j, steps)
         probs.append(token_probs(logits[:, -1], temperature, top_k))
-        last = pick(probs[-1], temperature, generator)
+        last = torch.multinomial(probs[-1], 1, generator=generator)
         tokens.append(last)
-    if n == 0:
-        return last[:, :0], None
     return torch.cat(tokens, 1), torch.stack(probs, 1)
 
 
-def accept(p, q, drafts, temperature, generator=None):
+def accept(p, q, drafts, generator=None):
     """Speculative sampling (Leviathan et al. 2023, Alg. 1): keep draft j with probability min(1, p_j(d)/q_j(d)),
     replace the first rejected one by a draw from max(0, p - q), or add a draw from p if none was rejected; every kept
     token is then distributed exactly as the verifier's p. Greedy: p and q are one-hot, so drafts are kept while they
     equal the verifier's argmax, and its argmax follows. Rows advance together by the shortest kept prefix k.
     p: (B, n+1, V) verifier, q: (B, n, V) drafter, drafts: (B, n) -> new tokens (B, k+1)."""
     B, n = drafts.shape
-    if n == 0:
-        return pick(p[:, 0], temperature, generator)
     p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :n], q))
     u = torch.rand(B, n, generator=generator, device=p.device)
     kept = (u * q_d < p_d).long().cumprod(1)  # (B, n): 1 while every draft so far was kept
     k = int(kept.sum(1).min())
     if k == n:
-        return torch.cat([drafts, pick(p[:, n], temperature, generator)], 1)
+        return torch.cat([drafts, torch.multinomial(p[:, n], 1, generator=generator)], 1)
     residual = (p[:, k] - q[:, k]).clamp_min(0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, k])  # p == q: nothing was rejected
-    fix = torch.where(kept[:, k:k + 1].bool(), drafts[:, k:k + 1], pick(residual, temperature, generator))
+    fix = torch.where(kept[:, k:k + 1].bool(), drafts[:, k:k + 1], torch.multinomial(residual, 1, generator=generator))
     return torch.cat([drafts[:, :k], fix], 1)
 
 
@@ -338,9 +275,11 @@ def generate_speculative(model, idx, max_new_tokens, num_steps, draft_steps=1, n
         if pos == cfg.block_size:  # window full: re-encode the last half block
             pos, _ = model.prefill(idx[:, -(cfg.block_size // 2):], cache, R)
         n = min(n_draft, max_new_tokens - (idx.size(1) - start) - 1, cfg.block_size - 1 - pos)  # chunk fits
-        drafts, q = draft_tokens(model, idx[:, -1:], cache, pos, draft_steps, n, temperature, top_k, generator)
+        drafts, q = (draft_tokens(model, idx[:, -1:], cache, pos, draft_steps, n, temperature, top_k, generator)
+                     if n else (idx[:, :0], None))
         logits, _ = model.forward_cached(torch.cat([idx[:, -1:], drafts], 1), cache, pos, R)  # (B, n + 1, V)
-        new = accept(token_probs(logits, temperature, top_k), q, drafts, temperature, generator)
+        p = token_probs(logits, temperature, top_k)
+        new = accept(p, q, drafts, generator) if n else torch.multinomial(p[:, 0], 1, generator=generator)
         idx, pos = torch.cat([idx, new], 1), pos + new.size(1)
         stats = dict(drafted=stats['drafted'] + n, accepted=stats['accepted'] + new.size(1) - 1,
                      passes=stats['passes'] + 1, loop_iters=stats['loop_iters'] + n * draft_steps + (n + 1) * R)
@@ -348,65 +287,38 @@ def generate_speculative(model, idx, max_new_tokens, num_steps, draft_steps=1, n
 
 # -----------------------------------------------------------------------------
 # sampling
-
-
 def generate_sample(model, x, cfg, R, generator):
     """The decoding the flags ask for -> (tokens (B, P + N), iterations per new token (B, N), speculative stats)."""
-    top = cfg.top_k or None
     if cfg.speculative:
         out, stats = generate_speculative(model, x, cfg.max_new_tokens, R, cfg.draft_steps, cfg.n_draft,
-                                          cfg.temperature, top, generator)
+                                          cfg.temperature, cfg.top_k, generator)
         return out, torch.full((x.size(0), cfg.max_new_tokens), R), stats  # every kept token ran R iterations
-    out, depths = model.generate(x, cfg.max_new_tokens, num_steps=R, temperature=cfg.temperature, top_k=top,
+    out, depths = model.generate(x, cfg.max_new_tokens, num_steps=R, temperature=cfg.temperature, top_k=cfg.top_k,
                                  exit_threshold=cfg.exit_threshold if cfg.exit_threshold >= 0 else None,
                                  exit_rule=cfg.exit_rule, generator=generator, warm_start=cfg.warm_start)
     return out, depths, None
 
 
-def sync(device):
-    if 'cuda' in device:
-        torch.cuda.synchronize()
-
-
 def run_samples(model, cfg, R, train_cfg, ctx):
-    encode, pieces = load_vocab(dataset_path(cfg, train_cfg), model.config.vocab_size)
+    encode, pieces = vocabulary(cfg, train_cfg, model.config.vocab_size)
     prompt = read_start(cfg.start)
     x = torch.tensor([encode(prompt)], dtype=torch.long, device=cfg.device)
     use_color = cfg.color == 'always' or (cfg.color == 'auto' and sys.stdout.isatty())
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     if use_color:
-        print(legend(R))
+        print('iterations per token: ' + ' '.join(colored(d, d, R) for d in range(1, R + 1)) + '  (prompt: plain)')
     for i in range(cfg.num_samples):
         sync(cfg.device)
         t0 = time.perf_counter()
         with ctx:
             out, depths, stats = generate_sample(model, x, cfg, R, generator)
         sync(cfg.device)
-        dt = time.perf_counter() - t0
-        print(render(prompt, pieces(out[0, x.size(1):].tolist()), depths[0].tolist(), R, use_color))
-        print(summary(i, cfg.num_samples, depths[0], R, dt, stats))
+        text, d = pieces(out[0, x.size(1):].tolist()), depths[0].tolist()
+        print(prompt + ''.join(colored(t, k, R) for t, k in zip(text, d)) if use_color else markup(prompt, text, d))
+        print(summary(i, cfg.num_samples, depths[0], R, time.perf_counter() - t0, stats))
 
 # -----------------------------------------------------------------------------
 # the sweep: quality vs compute, teacher-forced (METHOD.md §5 "Fixed depth" and "Adaptive exit per token")
-
-
-def val_batches(path, block_size, batch_size, n_batches, seed, device):
-    """n_batches fixed (seeded) windows (x, y) of val.bin, the same for every setting of the sweep."""
-    file = os.path.join(path, 'val.bin')
-    if not os.path.exists(file):
-        raise ValueError(f"--sweep needs {file}: prepare the dataset (python prepare.py ...) or pass --data_dir=DIR")
-    data = np.memmap(file, dtype=np.uint16, mode='r')
-    if len(data) <= block_size:
-        raise ValueError(f"{file} has {len(data)} tokens: the sweep needs more than block_size={block_size}")
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-        windows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
-        batches.append((windows[:, :-1].to(device), windows[:, 1:].to(device)))
-    return batches
-
-
 def sweep_depths(max_depth):
     """1, 2, 4, ... up to max_depth (and max_depth itself), then 2 * max_depth: extrapolation beyond training."""
     powers = [2 ** i for i in range(max_depth.bit_length()) if 2 ** i <= max_depth]
@@ -419,32 +331,20 @@ def val_loss(logits, targets):
 
 
 @torch.no_grad()
-def sweep(model, batches, depths, thresholds, rule='kl', metric=val_loss, seed=0):
+def depth_sweep(model, batches, depths, thresholds, rule='kl', metric=val_loss, seed=0):
     """One row per setting: every fixed depth r, then adaptive exit (model.adaptive_forward, R = max_depth) at every
     EPS. Row: setting, rule, r, eps, mean_iters (loop iterations per token), value (metric averaged over batches).
-    metric(logits, targets) -> float is the hook for task scores (the reasoning set's accuracy) instead of val loss."""
-    rows = []
-    for r in depths:
+    metric(logits, targets) -> float is the hook for a task score (e.g. accuracy) instead of val loss."""
+    rows, R = [], model.config.max_depth
+    for r, eps in [(r, None) for r in depths] + [(R, eps) for eps in thresholds]:
         torch.manual_seed(seed)  # the same noise initial states for every setting
-        values = [metric(model(x, num_steps=r)[0], y) for x, y in batches]
-        rows.append(dict(setting=f"r={r}", rule='fixed', r=r, eps=None, mean_iters=float(r),
+        outs = [(model(x, num_steps=r)[0], torch.full_like(x, r)) if eps is None else
+                model.adaptive_forward(x, exit_threshold=eps, exit_rule=rule)[::2] for x, _ in batches]
+        values = [metric(logits, y) for (logits, _), (_, y) in zip(outs, batches)]
+        rows.append(dict(setting=f"r={r}" if eps is None else f"{rule} eps={eps:g}", rule='fixed' if eps is None
+                         else rule, r=r, eps=eps, mean_iters=sum(d.float().mean().item() for _, d in outs) / len(outs),
                          value=sum(values) / len(values)))
-    for eps in thresholds:
-        torch.manual_seed(seed)
-        outs = [(model.adaptive_forward(x, exit_threshold=eps, exit_rule=rule), y) for x, y in batches]
-        values = [metric(logits, y) for (logits, _, _), y in outs]
-        iters = [d.float().mean().item() for (_, _, d), _ in outs]
-        rows.append(dict(setting=f"{rule} eps={eps:g}", rule=rule, r=model.config.max_depth, eps=eps,
-                         mean_iters=sum(iters) / len(iters), value=sum(values) / len(values)))
     return rows
-
-
-def sweep_table(rows, metric_name, R):
-    lines = [f"{'setting':<22}{'iterations/token':>18}{'compute vs r=' + str(R):>18}{metric_name:>12}"]
-    for row in rows:
-        lines.append(f"{row['setting']:<22}{row['mean_iters']:>18.2f}{row['mean_iters'] / R:>18.2f}"
-                     f"{row['value']:>12.4f}")
-    return '\n'.join(lines)
 
 
 def save_plot(rows, path, metric_name, title):
@@ -465,51 +365,49 @@ def save_plot(rows, path, metric_name, title):
     plt.close(fig)
 
 
-def dataset_metric(dataset):
-    """The sweep's metric for a dataset. Every dataset reports val loss for now; the reasoning showcase plugs its
-    task accuracy in here (a function (logits, targets) -> float, higher is better)."""
-    return val_loss
-
-
 def run_sweep(model, cfg, train_cfg, ctx):
     config, dataset = model.config, train_cfg.get('dataset', 'shakespeare_char')
-    batches = val_batches(dataset_path(cfg, train_cfg), config.block_size, cfg.sweep_batch_size, cfg.sweep_batches,
-                          cfg.seed, cfg.device)
-    metric = dataset_metric(dataset)
+    path = prepare.dataset_dir(dataset, cfg.data_dir or train_cfg.get('data_dir'))
+    if not os.path.exists(os.path.join(path, 'val.bin')):
+        raise ValueError(f"--sweep needs {path}/val.bin: prepare the dataset (python prepare.py ...) or pass "
+                         f"--data_dir=DIR")
+    generator = torch.Generator().manual_seed(cfg.seed)  # fixed windows, the same for every setting of the sweep
+    batches = [prepare.get_batch(path, 'val', cfg.sweep_batch_size, config.block_size, generator, cfg.device)
+               for _ in range(cfg.sweep_batches)]
     with ctx:
-        rows = sweep(model, batches, sweep_depths(config.max_depth), sweep_eps(cfg.sweep_thresholds), cfg.exit_rule,
-                     metric, cfg.seed)
+        rows = depth_sweep(model, batches, sweep_depths(config.max_depth), sweep_eps(cfg.sweep_thresholds),
+                           cfg.exit_rule, val_loss, cfg.seed)
     print(f"sweep: {dataset} val, {cfg.sweep_batches} x {cfg.sweep_batch_size} x {config.block_size} tokens, "
           f"trained depth mean {config.mean_depth} max {config.max_depth}; adaptive exit runs at most "
           f"{config.max_depth} (teacher-forced, model.adaptive_forward)")
-    print(sweep_table(rows, metric.__name__, config.max_depth))
+    print(f"{'setting':<22}{'iterations/token':>18}{'compute vs r=' + str(config.max_depth):>18}{'val_loss':>12}")
+    for row in rows:
+        print(f"{row['setting']:<22}{row['mean_iters']:>18.2f}{row['mean_iters'] / config.max_depth:>18.2f}"
+              f"{row['value']:>12.4f}")
     if cfg.plot:
-        save_plot(rows, cfg.plot, metric.__name__, f"{dataset}: {metric.__name__} vs compute")
+        save_plot(rows, cfg.plot, 'val_loss', f"{dataset}: val_loss vs compute")
         print(f"plot saved to {cfg.plot}")
     return rows
 
 # -----------------------------------------------------------------------------
-
-
 def run(settings):
     cfg = types.SimpleNamespace(**settings)
     check_flags(cfg)
     torch.manual_seed(cfg.seed)
-    model, train_cfg = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), cfg.device)
+    model, ckpt = load_checkpoint(cfg.out_dir, cfg.device)
     R = check_model_flags(cfg, model.config)
     if cfg.compile:
         model.compile_loop()  # the loop over r stays in Python: no recompile per depth (METHOD.md §3)
-    device_type = 'cuda' if 'cuda' in cfg.device else 'cpu'
-    ctx = nullcontext() if cfg.dtype == 'float32' else torch.autocast(device_type, DTYPES[cfg.dtype])
+    ctx = nullcontext() if cfg.dtype == 'float32' else torch.autocast(torch.device(cfg.device).type, DTYPES[cfg.dtype])
     if cfg.sweep:
-        return run_sweep(model, cfg, train_cfg, ctx)
-    run_samples(model, cfg, R, train_cfg, ctx)
+        return run_sweep(model, cfg, ckpt.get('config', {}), ctx)
+    run_samples(model, cfg, R, ckpt.get('config', {}), ctx)
 
 
 def main(argv=None):
     try:
-        run(configure(DEFAULTS, bare_flags(sys.argv[1:] if argv is None else argv)))
-    except ValueError as e:  # our own checks and the model's: one line, no traceback (STYLE.md)
+        run(configure(DEFAULTS, sys.argv[1:] if argv is None else argv))
+    except ValueError as e:  # our own checks, the loader's and the model's: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

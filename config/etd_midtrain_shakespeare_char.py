@@ -1,14 +1,14 @@
-# ETD recipe, step 2 of 3 (METHOD.md §4): split the plain GPT of step 1 into encoder / thinking / decoder at the knees
-# of its angular-distance curve (etd.py prints it), keep every weight, and mid-train on the same data with the same
-# optimizer settings while the thinking block runs r times.
-#   python train.py config/etd_base_shakespeare_char.py      # step 1
-#   python train.py config/etd_midtrain_shakespeare_char.py  # step 2
-#   python etd.py --init_from=out-etd-base --after=out-etd-mid --eval_depths=1,2,4,8   # step 3: the table
-# The architecture (split, width, inject='none', s_0 = e) comes from the base; only depth settings are set here.
+# ETD recipe (METHOD.md §4), after step 1 (config/etd_base_shakespeare_char.py) and the conversion: etd.py splits
+# the plain GPT into encoder / thinking / decoder at the knees of its angular-distance curve, keeping every weight,
+# and writes out-etd/ckpt.pt. This mid-trains it on the same data with the same optimizer settings while the
+# thinking block runs r times.
+#   python train.py config/etd_base_shakespeare_char.py             # step 1: the plain base
+#   python etd.py --init_from=out-etd-base --out_dir=out-etd         # step 2: convert (prints the curve)
+#   python train.py config/etd_midtrain_shakespeare_char.py         # step 3: mid-train
+#   python etd.py --init_from=out-etd-base --after=out-etd-mid --eval_depths=1,2,4,8   # the table
+# The architecture (split, width, inject='none', s_0 = e) comes from the checkpoint; only depth settings are set here.
 
-init_from = 'out-etd-base'  # the plain GPT of step 1 (or 'gpt2'... with a GPT-2 BPE dataset and transformers)
-etd_split = 'auto'          # or 'n_prelude,n_loop,n_coda', e.g. '2,3,1'
-etd_sequences = 128         # last tokens of 128 training windows make the curve (ETD: 10k held-out samples)
+init_from = 'out-etd/ckpt.pt'  # the converted model of step 2
 out_dir = 'out-etd-mid'
 eval_interval = 250
 eval_iters = 10

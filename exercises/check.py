@@ -1,197 +1,77 @@
 """
-Grade an exercise: put the student's function into the model in place of the real one (model.<name>, etd.<name>) and
-run the project's own property tests that define it (test_model.py, tests/test_etd.py), one line per property.
-Nothing here copies a test or a solution: the tests are the definition and the product's functions are the answers.
-
-    python -m exercises check 3                       # grade exercises/ex3_truncated_loop.py
-    python -m exercises check all                     # every exercise, then a scoreboard
-    python -m exercises check 3 --solution            # the project's own function: what passing looks like
-    python -m exercises check all --dir=work/alice    # grade a student's copies kept in another folder
-    python exercises/check.py 3                       # the same as `python -m exercises check 3`
+Grade an exercise (python -m exercises check N|all): put the student's function into the model in place of the real
+one (model.<name>, etd.<name>) and run the property tests that define it, `test_ex<N>_*` in tests/test_exercises.py
+and tests/test_etd.py, one line per property. Under a failure: why (what happened, its numbers labelled) and a hint
+for that failure; a hint that gives more away shows only when the same property failed on the previous run too.
+The answers are the product's own functions (--solution).
 """
-
-import ast
 import contextlib
-import dataclasses
 import functools
-import importlib
+import hashlib
 import importlib.util
 import inspect
 import io
+import json
 import os
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
+from collections import namedtuple
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # `python exercises/check.py` puts exercises/ on the path, not the repo
+if ROOT not in sys.path:  # the grader imports the repository's modules wherever it is started from
     sys.path.insert(0, ROOT)
+import etd  # noqa: E402
+import model  # noqa: E402
+
+TESTS = [os.path.join(ROOT, 'tests', name) for name in ('test_exercises.py', 'test_etd.py')]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# What a student's function must return, checked on every call so that a wrong type or shape is one readable line
-# instead of a shape error deep inside the model.
-
-class ContractError(Exception):
-    pass
-
-
-def _describe(x):
-    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
-        return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)}"
-    return f"{x!r} ({type(x).__name__})"
-
-
-def python_int(args, out):
-    if type(out) is not int:
-        return f"returned {_describe(out)}; return a Python int (int(...) or .item())"
+# the student's file in exercises/, the module holding the real functions, the functions the student writes
+Exercise = namedtuple('Exercise', 'number file home names minutes')
+Result = namedtuple('Result', 'node passed statement why hint')  # statement: the property (test docstring); why: 1 line
+EXERCISES = [Exercise(1, 'ex1_sample_depth.py', model, ('sample_depth',), 20),
+             Exercise(2, 'ex2_init_state_inject.py', model, ('init_state', 'inject'), 25),
+             Exercise(3, 'ex3_truncated_loop.py', model, ('truncated_loop',), 25),
+             Exercise(4, 'ex4_kl_exit.py', model, ('kl_converged',), 20),
+             Exercise(5, 'ex5_etd_split.py', etd, ('angular_distances', 'find_knee', 'choose_split'), 40),
+             Exercise(6, 'ex6_fill_latest.py', model, ('fill_latest',), 50)]
+BY_NUMBER = {ex.number: ex for ex in EXERCISES}
+ORIGINAL = {name: getattr(ex.home, name) for ex in EXERCISES for name in ex.names}  # the answers, before any swap
 
 
 def shape_of(arg):
-    def contract(args, out):
-        want = tuple(args[arg].shape)
-        if not hasattr(out, 'shape') or tuple(out.shape) != want:
-            return f"returned {_describe(out)}; it must have the shape of {arg}, {want}"
-    return contract
+    return (lambda a, out: tuple(getattr(out, 'shape', '?')) == tuple(a[arg].shape),
+            lambda a: f"a tensor of {arg}'s shape {tuple(a[arg].shape)}")
 
 
-def bool_per_token(args, out):
-    want = tuple(args['logp'].shape[:-1])
-    if getattr(out, 'dtype', None) != torch.bool or tuple(out.shape) != want:
-        return f"returned {_describe(out)}; return a bool tensor of shape {want}, one answer per token (e.g. kl < eps)"
+CONTRACTS = {  # name -> (is the result what the model needs?, what to return instead): checked at every return
+    'sample_depth': (lambda a, out: type(out) is int, lambda a: "a Python int (int(...) or .item())"),
+    'init_state': shape_of('e'), 'inject': shape_of('s'), 'truncated_loop': shape_of('s'),
+    'kl_converged': (lambda a, out: getattr(out, 'dtype', 0) == torch.bool and out.shape == a['logp'].shape[:-1],
+                     lambda a: f"a bool tensor of shape {tuple(a['logp'].shape[:-1])}, one answer per token"),
+    'angular_distances': (lambda a, out: tuple(getattr(out, 'shape', '?')) == (len(a['hidden_states']) - 1,),
+                          lambda a: f"one distance per block, shape ({len(a['hidden_states']) - 1},)"),
+    'find_knee': (lambda a, out: type(out) is int and 0 <= out < len(a['curve']),
+                  lambda a: f"a Python int index into curve, 0..{len(a['curve']) - 1}"),
+    'choose_split': (lambda a, out: isinstance(out, tuple) and len(out) == 3 and all(type(n) is int for n in out),
+                     lambda a: "a tuple of three ints (n_prelude, n_loop, n_coda)"),
+    'fill_latest': (lambda a, out: out is None, lambda a: "nothing: write into loop_kv in place"),
+}
 
 
-def in_place(args, out):
-    if out is not None:
-        return f"returned {_describe(out)}; write into loop_kv in place and return nothing (the model ignores results)"
+class ContractError(Exception):
+    """The student's function returned something the model cannot use: stopped at its return, in one line."""
 
 
-def layer_curve(args, out):
-    want = (args['hidden_states'].shape[0] - 1,)
-    if not hasattr(out, 'shape') or tuple(out.shape) != want:
-        return f"returned {_describe(out)}; return one distance per block, shape {want}"
+# -- the student's functions, checked at every return and swapped into the model --------------------------------------
 
-
-def index_into(args, out):
-    if type(out) is not int or not 0 <= out < len(args['curve']):
-        return f"returned {_describe(out)}; return a Python int index into curve, 0..{len(args['curve']) - 1}"
-
-
-def three_counts(args, out):
-    if not (isinstance(out, tuple) and len(out) == 3 and all(type(n) is int for n in out)):
-        return f"returned {_describe(out)}; return a tuple of three ints (n_prelude, n_loop, n_coda)"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The exercises: the functions a student writes, and the property tests (pytest node ids) that define them, fast and
-# precise ones first, then the ones that run the whole model with the student's function inside. Each hint is what to
-# look at when that property fails.
-
-@dataclasses.dataclass
-class Exercise:
-    number: int
-    file: str          # the student's file in exercises/
-    home: str          # the module holding the real functions
-    contracts: dict    # function name -> contract on its result
-    properties: list   # (node id, hint)
-    minutes: int
-
-    @property
-    def names(self):
-        return tuple(self.contracts)
-
-
-M, E = 'test_model.py::', 'tests/test_etd.py::'
-EXERCISES = [
-    Exercise(1, 'ex1_sample_depth.py', 'model', {'sample_depth': python_int}, [
-        (M + 'test_depth_sampler_returns_a_python_int',
-         "turn the one-element tensor into a number: int(r.item())"),
-        (M + 'test_depth_sampler_mean_is_mean_depth_plus_one_and_respects_the_cap',
-         "r = Poisson(exp(tau)) + 1 (at least one iteration), tau's mean log(mean) - sigma^2/2, then min(r, max_depth)"),
-        (M + 'test_depth_sampler_is_heavy_tailed_like_a_lognormal_poisson',
-         "the Poisson rate is exp(tau) with a fresh tau ~ Normal per call, not mean_depth itself"),
-        (M + 'test_depth_sampler_is_reproducible_from_a_seed',
-         "pass generator=generator to torch.normal and torch.poisson (no random / numpy draws)"),
-        (M + 'test_eval_uses_mean_depth_and_training_draws_a_depth',
-         "the model calls sample_depth(mean_depth, max_depth) with no generator in training: that must work too"),
-    ], 20),
-    Exercise(2, 'ex2_init_state_inject.py', 'model', {'init_state': shape_of('e'), 'inject': shape_of('s')}, [
-        (M + 'test_embed_and_zeros_initial_states_are_exact',
-         "'embed' returns e itself, 'zeros' torch.zeros_like(e)"),
-        (M + 'test_noise_state_is_a_truncated_normal_of_the_configured_std',
-         "torch.nn.init.trunc_normal_(s, 0.0, std, -3 * std, 3 * std): the cut points are absolute values"),
-        (M + 'test_noise_state_is_reproducible_with_a_generator',
-         "draw the noise with generator=generator; without a generator it must differ from call to call"),
-        (M + 'test_injection_is_its_section_2_formula[concat]',
-         "'concat' is adapter(torch.cat([s, e], dim=-1)): the state first, then e"),
-        (M + 'test_injection_is_its_section_2_formula[add]', "'add' is s + e"),
-        (M + 'test_injection_is_its_section_2_formula[none]', "'none' returns s unchanged"),
-        (M + 'test_one_iteration_without_injection_is_a_plain_gpt',
-         "with inject 'none' and init 'embed', one iteration must be exactly the next block of an ordinary GPT"),
-        (M + 'test_loop_and_prelude_weights_get_gradient[concat]',
-         "the prelude learns only through the injection: the loop's input must depend on e at every iteration"),
-    ], 25),
-    Exercise(3, 'ex3_truncated_loop.py', 'model', {'truncated_loop': shape_of('s')}, [
-        (M + 'test_truncated_loop_runs_r_steps_and_backprops_through_the_last_k[5-2]',
-         "run max(r - k, 0) steps inside `with torch.no_grad():`, then the remaining ones outside it; pass i = 0..r-1"),
-        (M + 'test_truncated_loop_runs_r_steps_and_backprops_through_the_last_k[2-4]',
-         "when r <= k every one of the r steps runs with gradient (and never more than r steps)"),
-        (M + 'test_truncated_loop_runs_r_steps_and_backprops_through_the_last_k[3-3]',
-         "r == k: no step without gradient"),
-        (M + 'test_truncated_backprop_equals_detaching_after_r_minus_k_iterations',
-         "the model's gradient must be that of r - k iterations, a cut, then k iterations with autograd"),
-        (M + 'test_activation_memory_does_not_grow_with_depth',
-         "the autograd graph must not grow with r: the first r - k steps may not be recorded at all"),
-    ], 25),
-    Exercise(4, 'ex4_kl_exit.py', 'model', {'kl_converged': bool_per_token}, [
-        (M + 'test_kl_exit_weighs_by_the_new_distribution_and_first_compares_against_uniform',
-         "KL(p || p_prev) = (p * (logp - logp_prev)).sum(-1) with p = logp.exp(), the NEW distribution"),
-        (M + 'test_kl_exit_clamps_negative_kl_so_threshold_zero_never_exits',
-         "compare strictly, kl < eps: with eps = 0 a KL of exactly 0 must not exit"),
-        (M + 'test_kl_exit_never_holds_at_eps_zero_even_where_fp32_kl_is_negative',
-         "clamp the KL at 0 before comparing (.clamp_min(0)): a KL of -1e-9 is below eps = 0"),
-        (M + 'test_teacher_forced_exit_threshold_zero_is_max_depth_and_huge_is_one',
-         "inside the model: eps 0 must never hold and a huge eps must always hold, for every position"),
-        (M + 'test_threshold_zero_runs_every_token_to_full_depth_and_a_huge_one_stops_at_one',
-         "while decoding with the KV cache: the same two limits, token by token"),
-    ], 20),
-    Exercise(5, 'ex5_etd_split.py', 'etd',
-             {'angular_distances': layer_curve, 'find_knee': index_into, 'choose_split': three_counts}, [
-        (E + 'test_angular_distance_is_0_for_same_half_for_orthogonal_1_for_opposite',
-         "cosine of consecutive layers along the last dim (F.cosine_similarity(h[:-1], h[1:], dim=-1)), arccos / pi, "
-         "last token only by default (h[:, :, -1:]), then the mean over batch and tokens"),
-        (E + 'test_knee_of_a_falling_curve_is_where_it_turns_flat',
-         "scale x and y to [0, 1]; the knee is the argmax of the distance below the chord x + y = 1: of 1 - x - y"),
-        (E + 'test_knees_find_the_planted_split[planted0]',
-         "encoder = the blocks before the first knee; the reversed curve's knee counts decoder blocks from the end"),
-        (E + 'test_knees_find_the_planted_split[planted3]', "ETD's OLMo-2 split 7 / 4 / 5: the same two knees"),
-        (E + 'test_every_curve_gives_a_valid_split',
-         "n_loop = last - first + 1 >= 1 and the three counts add up to n_layer; a flat curve's knee is 0"),
-        (E + 'test_curve_is_measured_on_the_base_model',
-         "etd.convert_pretrained measures the curve with your angular_distances: same shapes, float64 is safest"),
-    ], 40),
-    Exercise(6, 'ex6_fill_latest.py', 'model', {'fill_latest': in_place}, [
-        (M + 'test_fill_latest_copies_each_rows_last_entry_to_its_later_iterations',
-         "source iteration src[i, b] = min(i, depths[b] - 1); loop_kv[i, :, :, b, :, pos] = "
-         "loop_kv[src[i, b], :, :, b, :, pos] for every i and b, and nothing at other positions"),
-        (M + 'test_early_exit_cached_generation_equals_forward_with_its_depths[concat]',
-         "decoding with early exit must equal the per-token-depth forward: later tokens read the latest keys/values"),
-        (M + 'test_early_exit_cached_generation_equals_forward_with_its_depths[add]',
-         "the same with the other injection: fill every loop layer, keys and values alike"),
-        (M + 'test_early_exit_cached_generation_equals_forward_with_its_depths[none]',
-         "the same with ETD's loop (no injection), where tokens exit at other depths"),
-    ], 50),
-]
-BY_NUMBER = {ex.number: ex for ex in EXERCISES}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading the student's functions
 
 def load_student(ex, folder=HERE):
     """The student's functions from their exercise file -> {name: function}; ValueError with one line if it cannot."""
@@ -210,44 +90,43 @@ def load_student(ex, folder=HERE):
     return {name: getattr(module, name) for name in ex.names}
 
 
-def is_blank(fn):
-    """True while fn is still the shipped stub: a docstring and `raise NotImplementedError(...)`, nothing else."""
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
-    except (OSError, TypeError, SyntaxError):
-        return False
-    body = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
-    return (len(body) == 1 and isinstance(body[0], ast.Raise) and
-            'NotImplementedError' in ast.unparse(body[0].exc or ast.Constant(None)))
-
-
-def guarded(fn, real, contract, name):
-    """fn with its arguments bound like the real function's and its result checked against the contract."""
-    signature = inspect.signature(real)
+def guarded(fn, name):
+    """fn with its result checked against the contract at every return, so that a wrong type or shape is one readable
+    line instead of an error deep inside the model. fill_latest works in place: the entries a stopped row never
+    computed are set to NaN first, and if all of them still are afterwards, loop_kv was not written."""
+    signature, (ok, want) = inspect.signature(ORIGINAL[name]), CONTRACTS[name]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        a = signature.bind(*args, **kwargs).arguments
+        if name == 'fill_latest':
+            iters = torch.arange(len(a['loop_kv']), device=a['depths'].device)
+            missing = torch.zeros_like(a['loop_kv'], dtype=torch.bool)
+            missing[:, :, :, :, :, a['pos']] = (iters[:, None] >= a['depths'])[:, None, None, :, None, None]
+            a['loop_kv'][missing] = float('nan')
         out = fn(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        problem = contract(bound.arguments, out)
-        if problem:
-            raise ContractError(f"your {name} {problem}")
+        if not ok(a, out):
+            raise ContractError(f"your {name} returned {describe(out)}; return {want(a)}")
+        if name == 'fill_latest' and missing.any() and a['loop_kv'][missing].isnan().all():
+            raise ContractError("loop_kv was not written by your fill_latest, yet a row stopped early: assign into "
+                                "loop_kv's entries (rebinding the name to a new tensor changes nothing in the cache)")
         return out
     return wrapper
+
+
+def describe(x):
+    return f"a {str(x.dtype)[6:]} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+        f"{x!r} ({type(x).__name__})"
 
 
 @contextlib.contextmanager
 def swapped(module, functions):
     """Replace module.<name> by the student's function for the duration, and every EXIT_RULES entry pointing to the
     real one (model.EXIT_RULES holds kl_converged itself, not its name)."""
-    import model
     saved, rules = {name: getattr(module, name) for name in functions}, dict(model.EXIT_RULES)
     for name, fn in functions.items():
         setattr(module, name, fn)
-        for rule, (test, patience) in rules.items():
-            if test is saved[name]:
-                model.EXIT_RULES[rule] = (fn, patience)
+        model.EXIT_RULES.update({r: (fn, n) for r, (test, n) in rules.items() if test is saved[name]})
     try:
         yield
     finally:
@@ -255,134 +134,84 @@ def swapped(module, functions):
             setattr(module, name, fn)
         model.EXIT_RULES.update(rules)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Running the property tests and explaining their failures in one line
-
-@dataclasses.dataclass
-class Result:
-    node: str
-    passed: bool
-    statement: str = ''  # the property: the test's docstring
-    why: str = ''        # one line: what went wrong
-    hint: str = ''
+# -- running the properties and explaining a failure in one line -------------------------------------------------------
 
 
-def one_line(err, student_path=None, limit=220):
-    """An exception as one line; the location in the student's file when the error was raised there."""
-    if isinstance(err, ContractError):
-        return str(err)
+def one_line(err, student_path=None):
+    """An exception as one line: a property's own message (pytest adds '\\nassert ...' to it), or the error's type and
+    first line with where it was raised: the student's file:line, or the model's, called with their function."""
     text = str(err).strip()
-    if isinstance(err, AssertionError):  # pytest's rewritten assert: "custom message\nassert expr\n + where ..."
-        lines = text.splitlines()
-        expr = next((i for i, line in enumerate(lines) if line.startswith('assert ')), len(lines))
-        said = ' '.join(lines[:expr]).strip()
-        text = ' '.join(filter(None, [lines[expr] if expr < len(lines) else '', f"({said})" if said else '']))
-        message = f"the property does not hold: {text or 'assertion failed'}"
-    else:
-        message = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(': ')
-        if isinstance(err, SyntaxError) and err.lineno:
-            message += f" (line {err.lineno})"
-    frames = [] if isinstance(err, (AssertionError, SyntaxError)) else traceback.extract_tb(err.__traceback__)
+    if isinstance(err, (AssertionError, ContractError)):
+        return ' '.join(text.split('\nassert ')[0].split()) if not text.startswith('assert ') else \
+            f"the property does not hold: {text.splitlines()[0]}"
+    message = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(': ')
+    frames = [] if isinstance(err, SyntaxError) else traceback.extract_tb(err.__traceback__)
     mine = [f for f in frames if student_path and os.path.abspath(f.filename) == os.path.abspath(student_path)]
-    if mine:
-        message += f" (your code, {os.path.basename(mine[-1].filename)}:{mine[-1].lineno})"
-    elif frames:  # raised in the model or a test, from what the student's function gave it
-        message += f" (in {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}, called with your function)"
-    return message if len(message) <= limit else message[:limit - 3] + '...'
+    if isinstance(err, SyntaxError) and err.lineno:
+        message += f" (line {err.lineno})"
+    elif frames:
+        f = (mine or frames)[-1]
+        message += f" ({'your code, ' if mine else 'in '}{os.path.basename(f.filename)}:{f.lineno}" \
+                   f"{'' if mine else ', called with your function'})"
+    return message[:300]
 
 
 class Grader:
-    """A pytest plugin: keeps only the exercise's tests, in the exercise's order, and records each outcome."""
+    """A pytest plugin: keeps only the exercise's tests (test_ex<N>_*), in file order, and records each outcome."""
 
-    def __init__(self, nodes):
-        self.nodes, self.outcomes = nodes, {}
+    def __init__(self, number):
+        self.prefix, self.items, self.outcomes = f'test_ex{number}_', [], {}
 
     def pytest_collection_modifyitems(self, session, config, items):
-        by_node = {item.nodeid: item for item in items}
-        items[:] = [by_node[node] for node in self.nodes if node in by_node]
+        items[:] = self.items = [item for item in items if item.name.startswith(self.prefix)]
 
     def pytest_runtest_makereport(self, item, call):
         if call.when == 'call' or call.excinfo is not None:
-            doc = ' '.join((item.function.__doc__ or item.name.replace('_', ' ')).split())
-            if hasattr(item, 'callspec'):  # a parametrized test: say which case
-                doc += f" [{item.callspec.id}]"
-            err = call.excinfo.value if call.excinfo is not None else None
-            self.outcomes.setdefault(item.nodeid, (err, doc))
+            self.outcomes.setdefault(item.nodeid, call.excinfo.value if call.excinfo else None)
 
 
-# Our report replaces pytest's: no tracebacks to format (--tb=no), no cache, and no unraisableexception plugin, whose
-# five gc.collect() passes at the end of every session cost 0.4 s each with torch loaded (measured: 0.7 s -> 0.04 s of
-# CPU to grade a blank stub).
-PYTEST_ARGS = ['-q', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '--tb=no', '-W', 'ignore']
+# Our report replaces pytest's: no tracebacks (--tb=no), no cache, no third-party plugins (one that reorders or
+# reseeds tests would make a grade depend on what else is installed), and no unraisableexception plugin, whose five
+# gc.collect() passes per session cost 0.4 s each with torch loaded.
+PYTEST_ARGS = ['-q', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '--tb=no', '-W', 'ignore', '--rootdir',
+               ROOT, '-c', os.path.join(ROOT, 'pytest.ini')]
 
 
-def run_properties(ex, functions=None, student_path=None, exitfirst=False):
-    """Run the exercise's property tests with `functions` swapped in (None: the project's own) -> [Result]."""
-    module = importlib.import_module(ex.home)
-    nodes = [node for node, _ in ex.properties]
-    grader = Grader(nodes)
-    if functions is not None:
-        functions = {name: guarded(fn, getattr(module, name), ex.contracts[name], name)
-                     for name, fn in functions.items()}
-    files = sorted({os.path.join(ROOT, node.split('::')[0]) for node in nodes})
-    args = [*files, *PYTEST_ARGS, '--rootdir', ROOT, '-c', os.path.join(ROOT, 'pytest.ini')] + ['-x'] * exitfirst
-    with swapped(module, functions or {}), contextlib.redirect_stdout(io.StringIO()), quiet_plugins(), one_thread():
-        pytest.main(args, plugins=[grader])
-    return [result(node, hint, grader.outcomes, student_path, exitfirst) for node, hint in ex.properties]
-
-
-def result(node, hint, outcomes, student_path, exitfirst):
-    if node not in outcomes:
-        why = 'not run: an earlier property failed' if exitfirst else 'missing: no such test (the check is out of date)'
-        return Result(node, False, node.split('::')[-1], why, '')
-    err, doc = outcomes[node]
-    unwritten = isinstance(err, NotImplementedError)  # a blank stub: the hint would only give the answer away
-    return Result(node, err is None, doc, '' if err is None else one_line(err, student_path), '' if unwritten else hint)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The property tests use tiny models, where a second thread only adds waiting: on 2 busy cores one test took 14 s
-    of CPU with torch's default threads and 0.1 s with one (measured for this check)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def quiet_plugins():
-    """No third-party pytest plugins while grading: the property tests need none, and one that reorders or reseeds
-    tests (pytest-randomly) would make a grade depend on what else is installed."""
-    old = os.environ.get('PYTEST_DISABLE_PLUGIN_AUTOLOAD')
-    os.environ['PYTEST_DISABLE_PLUGIN_AUTOLOAD'] = '1'
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ['PYTEST_DISABLE_PLUGIN_AUTOLOAD']
-        else:
-            os.environ['PYTEST_DISABLE_PLUGIN_AUTOLOAD'] = old
-
-
-def grade(number, functions=None, solution=False, folder=HERE, exitfirst=False):
-    """Grade exercise `number` -> [Result]. functions: {name: fn} to check; default the student's file in `folder`;
-    solution=True checks the project's own functions."""
-    ex = BY_NUMBER[number]
-    path = os.path.join(folder, ex.file)
+def grade(number, functions=None, solution=False, folder=HERE, exitfirst=False, failed_before=()):
+    """Grade exercise `number` -> [Result]. functions: {name: fn} to check, default the student's file in `folder`;
+    solution=True: the project's own. failed_before: properties that failed last time (their `more` hint shows)."""
+    ex, path = BY_NUMBER[number], os.path.join(folder, BY_NUMBER[number].file)
     if not solution and functions is None:
         try:
             functions = load_student(ex, folder)
         except ValueError as err:
             return [Result('load', False, f"{ex.file} loads and defines {', '.join(ex.names)}", str(err), '')]
-    return run_properties(ex, None if solution else functions, path if os.path.isfile(path) else None, exitfirst)
+    grader, threads, env = Grader(number), torch.get_num_threads(), dict(os.environ)
+    torch.set_num_threads(1)  # tiny models: on 2 busy cores a second thread cost one test 14 s of CPU instead of 0.1 s
+    os.environ['PYTEST_DISABLE_PLUGIN_AUTOLOAD'] = '1'
+    try:
+        with swapped(ex.home, {n: guarded(fn, n) for n, fn in (functions or {}).items()} if not solution else {}), \
+                contextlib.redirect_stdout(io.StringIO()):
+            pytest.main([*TESTS, *PYTEST_ARGS] + ['-x'] * exitfirst, plugins=[grader])
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(env)
+    results = []
+    for item in grader.items:
+        err = grader.outcomes.get(item.nodeid, AssertionError('not run: an earlier property failed'))
+        why = '' if err is None else f"your {', '.join(ex.names)} is not written yet (it raises NotImplementedError)" \
+            if isinstance(err, NotImplementedError) else one_line(err, path if os.path.isfile(path) else None)
+        why, _, hint = why.partition(' -- hint: ')
+        hint, _, more = hint.partition(' -- more: ')
+        case = f" [{item.callspec.id}]" if hasattr(item, 'callspec') else ''  # a parametrized property: which case
+        statement = ' '.join((item.function.__doc__ or item.name).split()) + case
+        results.append(Result(item.nodeid, err is None, statement, why,
+                              f"{hint} {more}".strip() if item.nodeid in failed_before else hint))
+    return results
 
+# -- reports -----------------------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reports
 
 def report(ex, results, seconds, solution=False, folder=HERE):
     """Lines for one exercise: a pass/fail line per property, the reason and a hint under each failure."""
@@ -391,101 +220,36 @@ def report(ex, results, seconds, solution=False, folder=HERE):
     lines = [f"exercise {ex.number}: {', '.join(ex.names)}   ({source})"]
     for r in results:
         lines.append(wrap(f"  {'ok  ' if r.passed else 'FAIL'}  {r.statement}"))
-        if not r.passed:
-            lines.append(wrap(f"        why:  {r.why}"))
-            if r.hint:
-                lines.append(wrap(f"        hint: {r.hint}"))
+        lines += [wrap(f"        {k + ':':6}{v}") for k, v in (('why', r.why), ('hint', r.hint)) if v and not r.passed]
     held = sum(r.passed for r in results)
-    done = '   -> done' if held == len(results) else ''
-    lines.append(f"  {held}/{len(results)} properties hold ({seconds:.1f} s){done}")
-    return lines
-
-
-def scoreboard(rows):
-    """rows: (exercise, results, seconds, blank) -> the table `check all` ends with."""
-    width = max(len(', '.join(ex.names)) for ex, *_ in rows)
-    lines = ['', f" # {'exercise':{width}}  properties  seconds  status"]
-    for ex, results, seconds, blank in rows:
-        held = sum(r.passed for r in results)
-        status = 'done' if held == len(results) else 'not started' if blank else 'in progress'
-        score = f'{held}/{len(results)}'
-        lines.append(f"{ex.number:>2} {', '.join(ex.names):{width}}  {score:>10}  {seconds:>7.1f}  {status}")
-    done = sum(all(r.passed for r in results) for _, results, _, _ in rows)
-    lines.append(f"{done} of {len(rows)} exercises done")
-    return lines
+    return lines + [f"  {held}/{len(results)} properties hold ({seconds:.1f} s){'   -> done' * (held == len(results))}"]
 
 
 def check(which, solution=False, folder=HERE):
-    """Grade one exercise or all of them and print the report; returns the process exit code (0: all hold)."""
-    numbers = sorted(BY_NUMBER) if which == 'all' else [which]
+    """Grade one exercise or all of them, print the report (and for `all` a scoreboard); exit code 0 if all hold.
+    The properties that failed are kept in a temp file per folder: a second failure of one shows its `more` hint."""
+    history = os.path.join(tempfile.gettempdir(), 'nanoloop-check-' + hashlib.sha1(folder.encode()).hexdigest()[:12])
+    try:
+        with open(history) as f:
+            failed = set(json.load(f))
+    except (OSError, ValueError):
+        failed = set()
     rows = []
-    for n in numbers:
+    for ex in EXERCISES if which == 'all' else [BY_NUMBER[which]]:
         t0 = time.time()
-        results = grade(n, solution=solution, folder=folder)
-        seconds = time.time() - t0
-        print('\n'.join(report(BY_NUMBER[n], results, seconds, solution, folder)), flush=True)
-        rows.append((BY_NUMBER[n], results, seconds, not solution and student_is_blank(BY_NUMBER[n], folder)))
+        results = grade(ex.number, solution=solution, folder=folder, failed_before=failed)
+        print('\n'.join(report(ex, results, time.time() - t0, solution, folder)), flush=True)
+        failed = {node for node in failed if f'test_ex{ex.number}_' not in node} | {  # a blank stub does not count
+            r.node for r in results if not r.passed and 'NotImplementedError' not in r.why}
+        blank = all('NotImplementedError' in r.why for r in results)  # still the shipped stub
+        held = sum(r.passed for r in results)
+        rows.append(f"{ex.number:>2} {', '.join(ex.names):46}  {f'{held}/{len(results)}':>10}  {time.time() - t0:>7.1f}"
+                    f"  {'done' if held == len(results) else 'not started' if blank else 'in progress'}")
+    if not solution:
+        with open(history, 'w') as f:
+            json.dump(sorted(failed), f)
     if which == 'all':
-        print('\n'.join(scoreboard(rows)))
-    return 0 if all(r.passed for _, results, _, _ in rows for r in results) else 1
-
-
-def student_is_blank(ex, folder):
-    try:
-        return all(is_blank(fn) for fn in load_student(ex, folder).values())
-    except ValueError:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-
-USAGE = """usage: python -m exercises check N|all [--solution] [--dir=FOLDER]
-       python -m exercises observe N [--solution] [--dir=FOLDER] [--ckpt=PATH]
-  N is an exercise number, 1..6 (exercises/README.md lists them); --solution uses the project's own functions;
-  --dir takes the exercise files from FOLDER instead of exercises/; --ckpt is the trained model observe 4 and 5 use."""
-
-
-def parse_args(argv):
-    """-> (command, exercise number or 'all', solution, folder, ckpt); ValueError with one line for anything else."""
-    options, positional = {'solution': False, 'dir': HERE, 'ckpt': ''}, []
-    for arg in argv:
-        key, eq, value = arg[2:].partition('=')
-        if arg == '--solution':
-            options['solution'] = True
-        elif arg.startswith('--') and eq and key in ('dir', 'ckpt'):
-            options[key] = os.path.abspath(value)
-        elif arg.startswith('-'):
-            raise ValueError(f"option {arg!r} is not allowed: expected --solution, --dir=FOLDER or --ckpt=PATH")
-        else:
-            positional.append(arg)
-    if len(positional) == 1:  # `python exercises/check.py 3` means `check 3`
-        positional.insert(0, 'check')
-    if len(positional) != 2 or positional[0] not in ('check', 'observe'):
-        raise ValueError(f"expected `check N|all` or `observe N`, got {' '.join(argv) or 'nothing'!r}")
-    command, which = positional
-    allowed = [str(n) for n in BY_NUMBER] + (['all'] if command == 'check' else [])
-    if which not in allowed:
-        raise ValueError(f"exercise {which!r} is not allowed: expected one of {', '.join(allowed)}")
-    if not os.path.isdir(options['dir']):
-        raise ValueError(f"--dir={options['dir']!r} is not a folder")
-    return command, which if which == 'all' else int(which), options['solution'], options['dir'], options['ckpt']
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ('-h', '--help', 'help'):
-        print(USAGE)
-        return 0
-    try:
-        command, which, solution, folder, ckpt = parse_args(argv)
-        if command == 'check':
-            return check(which, solution, folder)
-        from exercises import observe
-        return observe.main(which, solution, folder, ckpt)
-    except ValueError as err:
-        print(f"error: {err} (python -m exercises --help)", file=sys.stderr)
-        return 2
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+        done = sum(row.endswith('done') for row in rows)
+        print('\n'.join(['', f" # {'exercise':46}  properties  seconds  status", *rows,
+                         f"{done} of {len(rows)} exercises done"]))
+    return 0 if all(row.endswith('done') for row in rows) else 1

@@ -4,16 +4,21 @@ Exercise 6 of 6 (the hardest): fill_latest, the early-exit KV cache.   METHOD.md
 Decoding with a KV cache keeps keys and values for every layer and every position. In a looped model every
 iteration of the loop has its own: the cache holds loop_kv[i, j] for iteration i and loop layer j.
 
-With early exit (exercise 4) a token may stop after d of R iterations, so it writes nothing meaningful for the
-iterations d..R-1. But a later token may iterate longer, and at iteration i > d its attention still reads every
-earlier position. Huginn's answer, the "latest" lookup: a missing entry is replaced by the latest iteration that has
-one, for the same loop layer. Done once, right after the token exits, it is a copy: entry d-1 goes to d, d+1, ..., R-1.
+With early exit (exercise 4) a token may stop after d of R iterations: it never runs iterations d..R-1 and writes
+nothing meaningful there. A later token may iterate longer, and at every iteration its attention reads every earlier
+position's keys and values of that iteration, the stopped token's included.
 
-The model checks this exactly: decoding with early exit must give the same logits as one uncached forward pass in
-which each position runs its own depth (model.GPT.forward(idx, depths=...)).
+What should it read there? The model's answer is fixed by one exact test: decoding with early exit must give the same
+logits as ONE uncached forward pass in which each position runs its own depth, model.GPT.forward(idx, depths=...).
+Read GPT.loop_step (the `held` inputs) and METHOD.md §5 "Per-token depth", then write down before coding:
+  1. A position that stopped is frozen in that forward pass. What does each loop layer see as its input there, and so
+     which keys and values does it show later positions at iterations beyond its depth?
+  2. Why does putting exactly those into loop_kv, once, right after the token exits, make cached decoding equal that
+     forward pass at every later step?
 
 Write the function, then grade it:   python -m exercises check 6
-The model calls fill_latest(cache.loop, depths, pos) after each decoded token (GPT.forward_cached).
+The model calls fill_latest(cache.loop, depths, pos) after each decoded token (GPT.forward_cached). A failed check
+first asks the question again; run it once more after a failure for a hint that gives more away.
 """
 
 import torch
@@ -27,12 +32,8 @@ def fill_latest(loop_kv, depths, pos):
     depths:  (B,) LongTensor with values in 1..iters: how many iterations row b ran at position pos.
     pos:     int, the position just decoded.
 
-    For every row b and every iteration i >= depths[b]: loop_kv[i, :, :, b, :, pos] = loop_kv[depths[b] - 1, :, :, b,
-    :, pos]. Every other entry (iterations < depths[b], other positions) stays exactly as it was. Each row of the
-    batch exited on its own, so each has its own depth.
-
-    Hints: first make it right with a loop over rows and iterations. Then, if you like, vectorise: the source
-    iteration is src[i, b] = min(i, depths[b] - 1), a (iters, B) tensor, and torch.gather along dim 0 reads
-    loop_kv[:, :, :, :, :, pos] at those iterations in one call (expand src to that slice's shape first).
+    Write only what the questions above say is missing: every entry a row computed itself (iterations < depths[b])
+    and every other position stay exactly as they were. Each row of the batch exited on its own, so each has its
+    own depth. First make it right with loops over rows and iterations; then, if you like, vectorise it.
     """
     raise NotImplementedError('exercise 6: write fill_latest')

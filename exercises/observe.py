@@ -5,16 +5,16 @@ model (or the project's own with --solution). Each takes seconds on a laptop CPU
     python -m exercises observe N [--solution] [--dir=FOLDER] [--ckpt=PATH]
 """
 
-import importlib
 import os
 import time
 
-import numpy as np
 import torch
 
+import etd
 import model
-from exercises.check import BY_NUMBER, ROOT, is_blank, load_student, one_line, swapped
-from model import GPT, GPTConfig
+import prepare
+from exercises.check import BY_NUMBER, ROOT, load_student, one_line, swapped
+from model import GPT, GPTConfig, load_checkpoint
 
 
 def random_model(std=None, **overrides):
@@ -22,7 +22,8 @@ def random_model(std=None, **overrides):
     large enough that the prediction keeps changing from iteration to iteration (so early exit has something to do)."""
     torch.manual_seed(0)
     config = dict(block_size=64, vocab_size=64, n_embd=64, n_head=4, n_prelude=1, n_loop=2, n_coda=1, mean_depth=4,
-                  max_depth=16, backprop_depth=4, init_state='zeros')
+                  max_depth=16, backprop_depth=4, init_state='zeros', norm='pre', pos='learned', inject='concat',
+                  norm_state=True, state_std=0.02)  # fixed here: the README's numbers must not move with model.py
     gpt = GPT(GPTConfig(**{**config, **overrides}))
     if std is not None:
         with torch.no_grad():
@@ -39,8 +40,6 @@ def random_batch(gpt, B=4, T=None, seed=0):
             torch.randint(0, gpt.config.vocab_size, (B, T), generator=g))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-
 def observe_1(ckpt):
     """The depth distribution at Huginn's training mean, r-bar = 32: most steps near the mean, a long right tail."""
     g = torch.Generator().manual_seed(0)
@@ -49,15 +48,14 @@ def observe_1(ckpt):
     print(f"10,000 draws of r with mean_depth=32, max_depth=128: mean {draws.mean():.1f} (E[r] = 33), "
           f"10% {q[0]:.0f}, median {q[1]:.0f}, 90% {q[2]:.0f}, 99% {q[3]:.0f}, max {draws.max():.0f}")
     counts = torch.histc(draws, bins=16, min=0, max=128).tolist()
-    for i, c in enumerate(counts):
-        print(f"  r in {8 * i:>3}..{8 * i + 7:<3} {int(c):>5}  {'#' * round(60 * c / max(counts))}")
+    for i, c in enumerate(counts):  # histc puts the cap, 128, into the last bin: its label says so
+        print(f"  r in {8 * i:>3}..{8 * i + 7 if i < 15 else 128:<3} {int(c):>5}  {'#' * round(60 * c / max(counts))}")
     print(f"{(draws > 64).float().mean():.1%} of steps run more than twice the mean: why training needs a cap and "
           f"truncated backprop (exercise 3)")
 
 
 def observe_2(ckpt):
     """Does the encoder (prelude) learn? Its gradient with each injection, within k and beyond k iterations."""
-    torch.set_num_threads(1)  # small models: a second thread only waits, badly so on a busy machine
     print("prelude gradient norm after one backward pass (backprop_depth k = 2):")
     print(f"  {'inject':8} {'r = 2 (all with grad)':>22} {'r = 6 (last 2 with grad)':>26}")
     for inject in ('concat', 'add', 'none'):
@@ -92,7 +90,6 @@ def saved_for_backward(gpt, x, y, r):
 
 def observe_3(ckpt):
     """Activation memory of truncated backprop (k = 8) against full backprop (k = r), at r = 8 and r = 64."""
-    torch.set_num_threads(1)  # steadier timings on a shared machine, and the model is small
     print("memory autograd keeps for backward (weights included, each tensor once), batch 4 x 64 tokens, d = 128:")
     print(f"  {'r':>3} {'k':>3} {'saved MB':>9} {'forward s':>10} {'backward s':>11}")
     for r, k in ((8, 8), (64, 8), (64, 64)):
@@ -105,28 +102,20 @@ def observe_3(ckpt):
           "k = r grows all three")
 
 
-def checkpoint_and_text(path):
-    """(model, inputs, targets, description) from a train.py checkpoint and 8 windows of its dataset's val split."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    gpt = GPT(GPTConfig(**ckpt['model_args']))
-    gpt.load_state_dict(ckpt['model'])
-    cfg = ckpt.get('config', {})
-    data_dir = os.path.join(cfg.get('data_dir') or os.path.join(ROOT, 'data'), cfg.get('dataset', 'shakespeare_char'))
-    data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
-    T = gpt.config.block_size
-    starts = torch.randint(len(data) - T - 1, (8,), generator=torch.Generator().manual_seed(0)).tolist()
-    windows = torch.stack([torch.from_numpy(data[i:i + T + 1].astype(np.int64)) for i in starts])
-    return gpt, windows[:, :-1], windows[:, 1:], f"{path} on 8 val windows of {os.path.basename(data_dir)}"
-
-
 def observe_4(ckpt):
     """Iterations per token against the exit threshold, and what they cost in loss (teacher-forced, one pass)."""
     path = ckpt or os.path.join(ROOT, 'out', 'ckpt.pt')
-    if os.path.isfile(path):
-        gpt, x, y, what = checkpoint_and_text(path)
-    else:  # no trained model: the mechanism still shows, the losses mean nothing
-        gpt = random_model(std=0.25)
-        (x, y), what = random_batch(gpt), "a random model (`python train.py` trains one in a few CPU minutes)"
+    if ckpt or os.path.isfile(path):
+        gpt, saved = load_checkpoint(path)  # a missing or bad --ckpt is one line, never a random model in silence
+        data = prepare.dataset_dir(saved.get('config', {}).get('dataset', 'shakespeare_char'),
+                                   saved.get('config', {}).get('data_dir', ''))
+        x, y = prepare.get_batch(data, 'val', 8, gpt.config.block_size, torch.Generator().manual_seed(0))
+        what = f"{path} on 8 val windows of {os.path.basename(data)}"
+    else:  # no trained model: a random one whose loop converges, so the depths (not the losses) mean something
+        print(f"no checkpoint at {path} (`python train.py` trains one in a few CPU minutes, or pass --ckpt=PATH): "
+              f"a random model, only its depths mean something\n")
+        gpt = random_model(norm_state=False)  # GPT-2's small init and no state norm: the state settles
+        (x, y), what = random_batch(gpt), 'a random model'
     R = gpt.config.max_depth
     print(f"adaptive exit with the kl rule, at most {R} iterations, {what}:")
     print(f"  {'eps':>8} {'mean iterations':>16} {'val loss':>9}")
@@ -139,20 +128,20 @@ def observe_4(ckpt):
 
 def observe_5(ckpt):
     """ETD's angular-distance curve of a trained plain GPT and the split your knees pick, last token vs every token."""
-    import etd
     path = ckpt or os.path.join(ROOT, 'out-etd-base')
     if not os.path.exists(path):
         raise ValueError(f"{path} does not exist: train the plain base first with `python train.py "
                          f"config/etd_base_shakespeare_char.py` (a few CPU minutes), or give --ckpt=PATH")
+    config = load_checkpoint(path)[1].get('config', {})
     for last_token in (True, False):
-        etd.main([f'--init_from={path}', f'--etd_last_token={last_token}'])
+        etd.run(dict(etd.defaults, init_from=path, last_token=last_token, data_dir=config.get('data_dir', ''),
+                     dataset=config.get('dataset', 'shakespeare_char')))
     print("ETD sees large distances in the first blocks (encoding), a flat middle (thinking) and a rise at the end "
           "(decoding): compare your model's curve with that picture, and the last-token curve with the all-token one")
 
 
 def observe_6(ckpt):
     """Early-exit decoding against the per-token-depth forward, with your fill_latest and with no fill at all."""
-    torch.set_num_threads(1)  # small models: a second thread only waits, badly so on a busy machine
     gpt = random_model(std=0.25).eval()
     prompt = random_batch(gpt, B=4, T=1)[0]
     print("greedy early-exit decoding (kl rule, eps 1e-2, at most 8 iterations) of 24 tokens, 4 rows:")
@@ -167,25 +156,20 @@ def observe_6(ckpt):
           "no longer computes the model it claims to")
 
 
-OBSERVE = {1: observe_1, 2: observe_2, 3: observe_3, 4: observe_4, 5: observe_5, 6: observe_6}
-
-
 def main(number, solution=False, folder=None, ckpt=''):
     """Run experiment `number` with the student's functions swapped in (or the project's own); exit code."""
-    ex = BY_NUMBER[number]
+    ex, experiment = BY_NUMBER[number], globals()[f'observe_{number}']
     functions = {} if solution else load_student(ex, folder)
-    if functions and all(is_blank(fn) for fn in functions.values()):
-        raise ValueError(f"exercise {number} is not written yet: write it, or add --solution to watch the project's "
-                         f"own function")
     whose = "the project's own functions" if solution else f"your {', '.join(ex.names)}"
-    print(f"exercise {number}, with {whose}: {OBSERVE[number].__doc__}\n")
+    print(f"exercise {number}, with {whose}: {experiment.__doc__}\n")
+    torch.set_num_threads(1)  # small models: a second thread only waits, badly so on a busy machine
     try:
-        with swapped(importlib.import_module(ex.home), functions):
-            OBSERVE[number](ckpt)
+        with swapped(ex.home, functions):
+            experiment(ckpt)
     except NotImplementedError:
         raise ValueError(f"exercise {number} is not written yet: write it, or add --solution to watch the project's "
                          f"own function") from None
-    except ValueError:  # ours, already one line (e.g. a missing checkpoint)
+    except ValueError:  # ours, already one line (e.g. a checkpoint that is not one)
         raise
     except Exception as err:  # the student's code failing inside the experiment: one line, not a traceback
         raise ValueError(f"the experiment failed: {one_line(err, os.path.join(folder, ex.file))}") from None

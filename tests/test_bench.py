@@ -72,7 +72,7 @@ def test_memory_is_measured_per_depth_in_a_fresh_process(results):
 def test_no_recompiles_when_depth_changes_every_step(results):
     """After the warm-up, new depths every step build no new graph (the loop stays in Python, METHOD.md §3)."""
     c = results['compile']
-    assert c['warmup_graphs'] >= 3, f"warm-up should compile encode, loop_step and decode: {c}"
+    assert c['warmup_graphs'] >= 3, f"warm-up should compile prelude, loop_step and coda: {c}"
     assert len(set(c['depths'])) > 1, f"the depths did not change: {c['depths']}"
     assert c['recompiles'] == 0, f"recompiled while r changed over {c['depths']}"
 
@@ -106,7 +106,8 @@ def test_uncached_baseline_decodes_the_same_tokens_as_generate():
 def test_decoding_reads_the_loop_weights_once_per_iteration():
     """weight_bytes_per_token grows by the loop block's bytes (loop layers, adapter, state norm) per iteration."""
     model = bench.build(TINY, 'cpu')
-    loop = sum(p.numel() * 4 for m in (model.transformer.loop, model.adapter, model.ln_state) for p in m.parameters())
+    parts = (model.transformer.loop, model.adapter, model.ln_state)
+    loop = sum(p.numel() * 4 for m in parts if m is not None for p in m.parameters())
     assert bench.weight_bytes_per_token(model, 5) - bench.weight_bytes_per_token(model, 4) == loop
 
 
@@ -118,16 +119,27 @@ def test_report_prints_every_section_and_one_json_line(results, capsys):
     assert '\n' not in json.dumps(results)
 
 
-@pytest.mark.parametrize('args, bad', [(['--device=tpu'], "'tpu'"), (['--threads=0'], "'0'"),
-                                       (['--quick=maybe'], "'maybe'"), (['--depth=3'], "'--depth=3'")])
-def test_bad_setting_is_named_in_a_value_error(args, bad):
-    """parse_args rejects a bad setting with a ValueError naming the bad value."""
+@pytest.mark.parametrize('args, bad', [(['--device=tpu'], "device='tpu'"), (['--threads=0'], 'threads=0'),
+                                       (['--quick=maybe'], "'maybe'"), (['--depth=3'], "'depth'"),
+                                       (['--decode_compile=reduce-overhead'], 'CUDA graphs need --device=cuda'),
+                                       (['--json_out=/nowhere/b.json'], "json_out='/nowhere/b.json'")])
+def test_bad_setting_is_named_before_any_work(args, bad):
+    """settings() rejects a bad --key=value (bench.py takes them like every script) with a ValueError naming it."""
     with pytest.raises(ValueError, match=bad):
-        bench.parse_args(args)
+        bench.settings(['--device=cpu', *args])
 
 
-def test_cli_bad_value_exits_with_one_error_line():
-    """A bad --key=value on the command line exits != 0 with one 'error:' line and no traceback."""
-    proc = subprocess.run([sys.executable, 'bench.py', '--device=tpu'], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: --device='tpu' is not allowed: expected 'cpu' or 'cuda'"]
+def test_bad_checkpoint_is_refused_before_benchmarking(tmp_path):
+    """--ckpt=<truncated file> is one line from the one loader, raised by settings(), before any measurement."""
+    (tmp_path / 'ckpt.pt').write_bytes(b'PK\x03\x04 not a whole checkpoint')
+    with pytest.raises(ValueError, match='ckpt.pt cannot be read'):
+        bench.settings(['--device=cpu', f"--ckpt={tmp_path / 'ckpt.pt'}"])
+
+
+def test_cli_bad_value_exits_with_one_error_line(tmp_path):
+    """A bad --key=value or checkpoint on the command line exits != 0 with one 'error:' line, no traceback."""
+    for arg, line in (('--device=tpu', "error: device='tpu' is not allowed: expected 'cpu' or 'cuda'"),
+                      (f"--ckpt={tmp_path / 'none.pt'}", f"error: no checkpoint at {tmp_path / 'none.pt'}")):
+        proc = subprocess.run([sys.executable, 'bench.py', arg], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(line), proc.stderr

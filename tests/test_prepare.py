@@ -1,7 +1,6 @@
 """Tests of prepare.py: every dataset written into a tmp dir, offline, in a few seconds."""
 import os
 import sys
-import pickle
 import subprocess
 import numpy as np
 import pytest
@@ -10,30 +9,21 @@ import prepare as P  # pytest.ini puts the repo root on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SMALL = dict(max_hops=3, n_chains=3, n_train=2000, n_val=200, n_test=50, seed=0)  # a tiny reasoning set
+SMALL = dict(n_train=200, n_val=20, length=8)  # a tiny prefix_sums set
 
 
 def read_bins(out_dir):
     return [np.fromfile(os.path.join(out_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')]
 
 
-def load(out_dir, filename):
-    with open(os.path.join(out_dir, filename), 'rb') as f:
-        return pickle.load(f)
+def cli(*args, script='prepare.py'):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 @pytest.fixture(scope='module')
 def shakespeare(tmp_path_factory):
     return P.prepare('shakespeare_char', data_dir=str(tmp_path_factory.mktemp('data')))
-
-
-@pytest.fixture(scope='module')
-def reasoning(tmp_path_factory):
-    return P.prepare('reasoning', data_dir=str(tmp_path_factory.mktemp('data')), **SMALL)
-
-
-def reasoning_text(out_dir, split='train'):
-    return P.decode(read_bins(out_dir)[split == 'val'], load(out_dir, 'meta.pkl'))
 
 # ---- shakespeare_char
 
@@ -63,7 +53,7 @@ def test_shakespeare_bins_are_uint16_and_cover_the_corpus(shakespeare):
     """train.bin + val.bin hold every character of input.txt, as uint16 ids, in order."""
     text = P.read_utf8(P.SHAKESPEARE)
     train, val = read_bins(shakespeare)
-    meta = load(shakespeare, 'meta.pkl')
+    meta = P.read_meta(shakespeare)
     assert os.path.getsize(os.path.join(shakespeare, 'train.bin')) == 2 * len(train), 'not 2 bytes per token'
     assert len(train) + len(val) == len(text)
     assert P.decode(np.concatenate([train, val]), meta) == text
@@ -75,11 +65,12 @@ def test_shakespeare_split_is_90_10(shakespeare):
     assert (len(train), len(val)) == (1_003_854, 111_540)
 
 
-def test_shakespeare_meta_is_nanogpt_format(shakespeare):
-    """meta.pkl has vocab_size, itos, stoi with 65 sorted characters."""
-    meta = load(shakespeare, 'meta.pkl')
-    assert meta['vocab_size'] == 65 == len(meta['itos']) == len(meta['stoi'])
-    assert [meta['itos'][i] for i in range(65)] == sorted(meta['stoi'])
+def test_shakespeare_meta_is_plain_json(shakespeare):
+    """meta.json holds vocab_size, the 65 sorted characters (id = index) and the settings; no meta.pkl is written."""
+    meta = P.read_meta(shakespeare)
+    assert set(meta) == {'vocab_size', 'chars', 'settings'}
+    assert meta['vocab_size'] == 65 == len(meta['chars']) and meta['chars'] == sorted(meta['chars'])
+    assert not os.path.exists(os.path.join(shakespeare, 'meta.pkl'))
 
 # ---- text (GPT-2 BPE, offline)
 
@@ -92,7 +83,7 @@ def test_text_uses_shipped_bpe_offline(tmp_path, monkeypatch):
     out = P.prepare('text', input=str(tmp_path / 'hw.txt'), data_dir=str(tmp_path / 'data'))
     assert out == str(tmp_path / 'data' / 'hw'), 'output folder is not named after the input stem'
     assert np.concatenate(read_bins(out)).tolist() == [31373, 995]
-    assert load(out, 'meta.pkl')['vocab_size'] == 50257 and load(out, 'meta.pkl')['tokenizer'] == 'gpt2'
+    assert P.read_meta(out)['vocab_size'] == 50257 and P.read_meta(out)['tokenizer'] == 'gpt2'
 
 
 def test_text_folder_files_are_sorted_and_joined_with_endoftext(tmp_path):
@@ -145,111 +136,96 @@ def test_second_run_does_not_rewrite(tmp_path):
 
 
 def test_changed_settings_redo_the_data(tmp_path):
-    """Another seed gives different reasoning data under the same folder, and meta records it."""
-    kw = dict(SMALL, n_train=100, n_val=10, n_test=5)
-    out = P.prepare('reasoning', data_dir=str(tmp_path), **kw)
+    """Another seed gives different prefix_sums data under the same folder, and meta records it."""
+    out = P.prepare('prefix_sums', data_dir=str(tmp_path), **SMALL)
     before = read_bins(out)[0].tolist()
-    P.prepare('reasoning', data_dir=str(tmp_path), **dict(kw, seed=1))
-    assert read_bins(out)[0].tolist() != before and load(out, 'meta.pkl')['settings']['seed'] == 1
-
-# ---- reasoning
+    P.prepare('prefix_sums', data_dir=str(tmp_path), **dict(SMALL, seed=1))
+    assert read_bins(out)[0].tolist() != before and P.read_meta(out)['settings']['seed'] == 1
 
 
-def test_solver_on_a_hand_written_problem():
-    """solve follows a=7 -> k -> q in shuffled order: ?q= is 7 after 3 hops; distractor x ignored."""
-    problem = 'q=k;x=3;a=7;k=a;?q='
-    assert P.solve(problem) == '7' and P.query_hops(problem) == 3
-    assert P.solve('q=k;x=3;a=7;k=a;?q=7;?x=') == '3'
+def test_interrupted_reprepare_is_redone(tmp_path, monkeypatch):
+    """Killed after replacing train.bin with new data: meta.json (written last) is gone, so neither the old nor the
+    new settings count as prepared and the next run redoes the folder instead of pairing old meta with new data."""
+    out = P.prepare('prefix_sums', data_dir=str(tmp_path), **SMALL)
+    real_save, calls = P.save_atomic, []
+
+    def killed_after_first_file(path, write):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real_save(path, write)
+
+    monkeypatch.setattr(P, 'save_atomic', killed_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare('prefix_sums', data_dir=str(tmp_path), **dict(SMALL, seed=1))
+    monkeypatch.setattr(P, 'save_atomic', real_save)
+    assert not os.path.exists(os.path.join(out, 'meta.json')), 'old meta.json left beside new data'
+    P.prepare('prefix_sums', data_dir=str(tmp_path), **SMALL)
+    assert P.read_meta(out)['settings']['seed'] == 1337 and not [f for f in os.listdir(out) if f.endswith('.tmp')]
 
 
-def test_solver_agrees_with_every_answer_in_train_lines(reasoning):
-    """For every query of every train line, solve(text up to '?v=') is the digit that follows."""
-    lines = reasoning_text(reasoning).split('\n')[:-1]
-    n = 0
-    for line in lines[:300]:
-        for pos in (i for i, c in enumerate(line) if c == '='):
-            if line.rfind('?', 0, pos) > line.rfind(';', 0, pos):  # '=' of a query, not of an assignment
-                assert P.solve(line[:pos + 1]) == line[pos + 1], f'wrong answer in {line!r}'
-                n += 1
-    assert n > 300 * 2, 'lines should hold many queries each'
+def test_two_concurrent_prepares_both_succeed(tmp_path):
+    """Two processes preparing the same dataset at once (per-process temp names, atomic renames): both exit 0 and
+    the folder is complete and readable."""
+    args = [sys.executable, os.path.join(ROOT, 'prepare.py'), 'prefix_sums', '--n_train=20000', '--length=16',
+            f'--data_dir={tmp_path}']
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    out = tmp_path / 'prefix_sums'
+    assert P.read_meta(str(out))['example_len'] == 16 and len(read_bins(str(out))[0]) == 20000 * 16
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+# ---- prefix_sums (the lead's showcase task): the CLI and its meta
 
 
-def test_every_variable_is_queried(reasoning):
-    """Each line asks for every variable it assigns: many supervised positions per line (METHOD.md §3)."""
-    for line in reasoning_text(reasoning).split('\n')[:200]:
-        assigned = {seg[0] for seg in line.split(';') if seg and seg[0] != '?'}
-        asked = {seg[1] for seg in line.split(';') if seg.startswith('?')}
-        assert assigned == asked, line
+def test_prefix_sums_cli_writes_meta_json_with_example_len(tmp_path):
+    """`python prepare.py prefix_sums` writes meta.json with example_len, digits as chars, and a bare --force redoes."""
+    r = cli('prefix_sums', '--n_train=100', '--n_val=10', '--length=8', f'--data_dir={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    meta = P.read_meta(str(tmp_path / 'prefix_sums'))
+    assert meta['example_len'] == 8 and meta['vocab_size'] == 3 and meta['chars'] == ['0', '1', '2']
+    r = cli('prefix_sums', '--n_train=100', '--n_val=10', '--length=8', f'--data_dir={tmp_path}', '--force')
+    assert r.returncode == 0 and 'already prepared' not in r.stdout, r.stdout + r.stderr
+
+# ---- nothing executed: a pickled meta is refused, never loaded
 
 
-def test_train_hops_stay_within_max_hops(reasoning):
-    """No train query needs more than max_hops hops, and all of 1..max_hops occur."""
-    hops = set()
-    for line in reasoning_text(reasoning).split('\n')[:500]:
-        problem = line[:line.index('?')]
-        hops |= {P.query_hops(problem + q[:3]) for q in line[len(problem):].split(';') if q}
-    assert hops == set(range(1, SMALL['max_hops'] + 1))
+class RunsCode:
+    """Unpickling this creates its marker file, as a malicious meta.pkl could run any command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
 
 
-def test_assignments_are_shuffled(reasoning):
-    """Some lines use a variable before the line defines it: the chain is not in reading order."""
-    def forward_ref(line):
-        segs = [s for s in line.split(';') if s and s[0] != '?']
-        defined = set()
-        for lhs, rhs in (s.split('=') for s in segs):
-            if rhs.isalpha() and rhs not in defined:
-                return True
-            defined.add(lhs)
-        return False
-    lines = reasoning_text(reasoning).split('\n')[:500]
-    assert sum(map(forward_ref, lines)) > 100
-
-
-def test_test_prompts_cover_hops_1_to_2h_and_fit(reasoning):
-    """test.pkl has n_test prompts for each hops 1..2H, each ending in '?v=', <= 256 chars, one-digit answers."""
-    test = load(reasoning, 'test.pkl')
-    assert sorted(test) == list(range(1, 2 * SMALL['max_hops'] + 1))
-    for hops, pairs in test.items():
-        assert len(pairs) == SMALL['n_test']
-        for prompt, answer in pairs:
-            assert len(prompt) <= 256 and prompt.endswith('=') and answer in '0123456789'
-
-
-def test_test_answers_and_hops_verified_by_solver(reasoning):
-    """solve(prompt) == stored answer and the query needs exactly `hops` hops (the test.pkl key)."""
-    for hops, pairs in load(reasoning, 'test.pkl').items():
-        for prompt, answer in pairs:
-            assert P.solve(prompt) == answer and P.query_hops(prompt) == hops, prompt
-
-
-def test_no_test_problem_appears_in_train_or_val(reasoning):
-    """No test problem text (the assignments) is identical to a train or val problem."""
-    seen = {line[:line.index('?')] for split in ('train', 'val')
-            for line in reasoning_text(reasoning, split).split('\n') if line}
-    test = [p[1:p.rindex('?')] for pairs in load(reasoning, 'test.pkl').values() for p, _ in pairs]
-    assert len(set(test)) == len(test), 'duplicate test problems'
-    assert not seen & set(test)
-
-
-def test_test_excludes_train_even_when_collisions_are_likely(tmp_path):
-    """With few possible 1-hop problems (2 chains: 58,500), train covers many; test still avoids them all."""
-    out = P.prepare('reasoning', data_dir=str(tmp_path), max_hops=1, n_chains=2, n_train=20_000, n_val=100, n_test=100)
-    train = {line[:line.index('?')] for line in reasoning_text(out).split('\n') if line}
-    assert not train & {p[1:p.rindex('?')] for p, _ in load(out, 'test.pkl')[1]}
-
-
-def test_reasoning_vocab_is_fixed_across_settings(tmp_path, reasoning):
-    """Another max_hops / n_chains gives the same stoi: checkpoints stay comparable across settings."""
-    other = P.prepare('reasoning', data_dir=str(tmp_path), max_hops=1, n_chains=2, n_train=50, n_val=5, n_test=5)
-    assert load(other, 'meta.pkl')['stoi'] == load(reasoning, 'meta.pkl')['stoi']
-    assert load(other, 'meta.pkl')['vocab_size'] == 40
+def test_meta_pkl_is_refused_and_never_unpickled(tmp_path):
+    """A dataset folder with only a (malicious) nanoGPT meta.pkl: prepare.read_meta and train.py --data_dir=... each
+    refuse it with one line telling to re-run prepare.py, and its code never runs."""
+    import pickle
+    folder, marker = tmp_path / 'data' / 'evil', tmp_path / 'ran'
+    folder.mkdir(parents=True)
+    for split in ('train', 'val'):
+        (np.arange(500) % 5).astype(np.uint16).tofile(folder / f'{split}.bin')
+    with open(folder / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 5, 'payload': RunsCode(str(marker))}, f)
+    with pytest.raises(ValueError, match='meta.pkl is a pickle.*re-run prepare.py'):
+        P.read_meta(str(folder))
+    r = cli('--dataset=evil', f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}', '--device=cpu',
+            '--compile=False', '--max_iters=1', script='train.py')
+    assert r.returncode != 0 and r.stderr.startswith('error: ') and r.stderr.count('\n') == 1, r.stderr
+    assert 'meta.pkl' in r.stderr and 'Traceback' not in r.stderr
+    assert not marker.exists(), 'the pickle ran its code'
 
 # ---- errors
 
 
 def test_python_api_rejects_bad_options():
     """prepare raises ValueError for an unknown dataset, an unknown option and a wrong type."""
-    for name, kw in (('nope', {}), ('reasoning', {'hops': 2}), ('reasoning', {'max_hops': '2'})):
+    for name, kw in (('nope', {}), ('prefix_sums', {'hops': 2}), ('prefix_sums', {'length': '2'}),
+                     ('prefix_sums', {'force': 1})):
         with pytest.raises(ValueError):
             P.prepare(name, **kw)
 
@@ -259,8 +235,10 @@ def test_python_api_rejects_bad_options():
     ['shakespeare_char', '--bogus=1'],
     ['text', '--input=does/not/exist.txt'],
     ['text', '--input={bad}'],  # a Latin-1 file, written below
-    ['reasoning', '--max_hops=abc'],
-    ['reasoning', '--max_hops=20'],
+    ['prefix_sums', '--length=abc'],
+    ['prefix_sums', '--modulus=1'],
+    ['shakespeare_char', '--force=maybe'],
+    [],
 ])
 def test_cli_errors_are_one_line_without_traceback(args, tmp_path):
     """Bad CLI input: exit != 0, 'error:' on stderr, no Traceback, nothing written."""

@@ -1,12 +1,12 @@
 """
 Properties of sample.py, one per test, on a tiny random char model written to a tmp checkpoint with its own tiny
-dataset (meta.pkl + val.bin). Successful runs go through sample.main() in-process (stdout is then no terminal, so
+dataset (meta.json + val.bin). Successful runs go through sample.main() in-process (stdout is then no terminal, so
 markup); the error cases also run the real command in subprocesses, started at once so their torch imports overlap.
 """
 
 import dataclasses
+import json
 import os
-import pickle
 import subprocess
 import sys
 import types
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import model as model_module
+import prepare
 import sample
 from model import GPT, GPTConfig
 
@@ -41,13 +42,11 @@ def tiny_model(inject='concat'):
 
 @pytest.fixture(scope='module')
 def ckpt_dir(tmp_path_factory):
-    """out/ckpt.pt in train.py's format and data/tiny/{meta.pkl, val.bin}."""
+    """out/ckpt.pt in train.py's format and data/tiny/{meta.json, val.bin}."""
     root = tmp_path_factory.mktemp('sample')
     data = root / 'data' / 'tiny'
     data.mkdir(parents=True)
-    meta = {'vocab_size': len(CHARS), 'itos': dict(enumerate(CHARS)), 'stoi': {c: i for i, c in enumerate(CHARS)}}
-    with open(data / 'meta.pkl', 'wb') as f:
-        pickle.dump(meta, f)
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'chars': CHARS}))
     np.random.default_rng(0).integers(0, len(CHARS), 2000).astype(np.uint16).tofile(data / 'val.bin')
     gpt = tiny_model()
     (root / 'out').mkdir()
@@ -76,8 +75,11 @@ def runs(ckpt_dir):
     """The real command's error runs, started before the first test so that they overlap with the in-process tests;
     each test waits for its own."""
     out = f"--out_dir={ckpt_dir / 'out'}"
+    (ckpt_dir / 'latin1.txt').write_bytes('ab\xe9'.encode('latin-1'))
     procs = {'missing_checkpoint': cli(f"--out_dir={ckpt_dir / 'nowhere'}"),
-             'char_outside_vocab': cli(out, '--start=abZ')}
+             'char_outside_vocab': cli(out, '--start=abZ'),
+             'bad_device': cli(out, '--device=foo'),
+             'prompt_not_utf8': cli(out, f"--start=FILE:{ckpt_dir / 'latin1.txt'}")}
     return {name: types.SimpleNamespace(name=name, proc=p) for name, p in procs.items()}
 
 
@@ -114,7 +116,7 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
                  '--num_samples=2', '--max_new_tokens=12', '--exit_threshold=1e-2', '--temperature=1.0'])
     lines = capsys.readouterr().out.rstrip('\n').split('\n')
     assert len(lines) == 4 and lines[1].startswith('--- sample 1/2') and lines[3].startswith('--- sample 2/2'), lines
-    gpt, _ = sample.load_checkpoint(str(ckpt_dir / 'out' / 'ckpt.pt'), 'cpu')
+    gpt, _ = model_module.load_checkpoint(str(ckpt_dir / 'out'))
     x = torch.tensor([[CHARS.index(c) for c in 'a[b\\']])
     generator = torch.Generator().manual_seed(7)
     for line in (lines[0], lines[2]):
@@ -160,7 +162,7 @@ def test_speculative_sampling_keeps_the_verifier_distribution():
     q = torch.tensor([0.1, 0.2, 0.3, 0.4]).expand(B, 1, 4)
     g = torch.Generator().manual_seed(0)
     drafts = torch.multinomial(q[:, 0], 1, generator=g)
-    first = sample.accept(p, q, drafts, temperature=1.0, generator=g)[:, 0]
+    first = sample.accept(p, q, drafts, generator=g)[:, 0]
     freq = torch.bincount(first, minlength=4).float() / B
     assert torch.allclose(freq, p[0, 0], atol=0.01), freq
 
@@ -193,12 +195,13 @@ def test_warm_start_replaces_only_the_initial_state(monkeypatch):
 
 
 def sweep_batches(ckpt_dir):
-    return sample.val_batches(str(ckpt_dir / 'data' / 'tiny'), 16, 2, 2, 0, 'cpu')
+    g = torch.Generator().manual_seed(0)
+    return [prepare.get_batch(str(ckpt_dir / 'data' / 'tiny'), 'val', 2, 16, g) for _ in range(2)]
 
 
 def test_sweep_returns_one_row_per_setting(ckpt_dir):
     """One row per fixed depth (its iterations = r) and per EPS (EPS 0 runs max_depth on every token)."""
-    rows = sample.sweep(tiny_model(), sweep_batches(ckpt_dir), [1, 2, 4, 12], [1e-1, 0.0], 'kl')
+    rows = sample.depth_sweep(tiny_model(), sweep_batches(ckpt_dir), [1, 2, 4, 12], [1e-1, 0.0], 'kl')
     assert [r['setting'] for r in rows] == ['r=1', 'r=2', 'r=4', 'r=12', 'kl eps=0.1', 'kl eps=0']
     assert [r['mean_iters'] for r in rows[:4]] == [1, 2, 4, 12]
     assert rows[-1]['mean_iters'] == R_MAX and rows[-2]['mean_iters'] < R_MAX
@@ -210,7 +213,7 @@ def test_sweep_metric_hook_replaces_val_loss(ckpt_dir):
     def accuracy(logits, targets):
         return (logits.argmax(-1) == targets).float().mean().item()
     batches = sweep_batches(ckpt_dir)
-    rows = sample.sweep(tiny_model(), batches, [2], [0.0], 'kl', metric=accuracy)
+    rows = sample.depth_sweep(tiny_model(), batches, [2], [0.0], 'kl', metric=accuracy)
     expected = sum(accuracy(tiny_model()(x, num_steps=2)[0], y) for x, y in batches) / len(batches)
     assert rows[0]['value'] == pytest.approx(expected) and 0 <= rows[1]['value'] <= 1
 
@@ -234,10 +237,12 @@ def test_main_sweep_prints_a_table_and_saves_the_plot(ckpt_dir, capsys):
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name, needle', [('missing_checkpoint', 'no checkpoint'),
-                                          ('char_outside_vocab', "'Z'")])
+@pytest.mark.parametrize('name, needle', [('missing_checkpoint', 'no checkpoint'), ('char_outside_vocab', "'Z'"),
+                                          ('bad_device', "device='foo' is not available here: expected one of cpu"),
+                                          ('prompt_not_utf8', 'latin1.txt is not UTF-8 text (byte 0xe9')])
 def test_cli_error_is_one_line_without_traceback(runs, name, needle):
-    """A bad run of the real command exits != 0 with one 'error:' line naming the problem, no traceback."""
+    """A bad run of the real command exits != 0 with one 'error:' line naming the problem, no traceback: a bad device
+    is named before the checkpoint is read (never blamed on it), a prompt file that is not UTF-8 is named."""
     run = result(runs[name])
     assert run.proc.returncode != 0
     assert 'Traceback' not in run.stderr and run.stderr.startswith('error:') and needle in run.stderr, run.stderr
@@ -249,6 +254,9 @@ def test_cli_error_is_one_line_without_traceback(runs, name, needle):
     (['--max_new_tokens=-1'], 'max_new_tokens=-1'),
     (['--n_draft=0', '--speculative'], 'n_draft=0'),
     (['--temperature=-1'], 'temperature=-1'),
+    (['--top_k=0'], 'top_k=0 is not allowed: expected an integer >= 1'),
+    (['--device=cuda:7'], "device='cuda:7' is not available here"),
+    (['--sweep', '--plot=/nowhere/sweep.png'], 'its folder does not exist'),
     (['--speculative', '--exit_threshold=1e-3'], '--speculative with --exit_threshold'),
     (['--sweep', '--speculative'], '--sweep with --speculative'),
     (['--speculative', '--warm_start'], '--speculative with --warm_start'),
@@ -269,3 +277,14 @@ def test_bad_flag_exits_with_one_line_naming_it(ckpt_dir, capsys, args, needle):
     err = capsys.readouterr().err
     assert exit_info.value.code != 0 and err.startswith('error:') and needle in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_token_probs_is_the_distribution_model_sample_token_draws_from():
+    """The speculative acceptance math uses token_probs: it must be exactly model.sample_token's distribution (top_k
+    None = all, the k most likely otherwise; one-hot argmax at temperature 0)."""
+    logits = torch.randn(1, 6, generator=torch.Generator().manual_seed(0)) * 2
+    for top_k in (None, 3):
+        draws = model_module.sample_token(logits.expand(40000, 6), 0.7, top_k, torch.Generator().manual_seed(1))
+        freq = torch.bincount(draws[:, 0], minlength=6).float() / 40000
+        assert torch.allclose(freq, sample.token_probs(logits[0], 0.7, top_k), atol=0.01), (top_k, freq)
+    assert sample.token_probs(logits, 0.0)[0].argmax() == model_module.sample_token(logits, 0.0)[0, 0]
