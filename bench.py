@@ -5,16 +5,14 @@ Speed and memory of the looped model against its limits and against a plain GPT 
     python bench.py --device=cpu --quick            # about 1-2 minutes on 2 CPU cores
     python bench.py --device=cuda --json_out=bench.json --ckpt=out/ckpt.pt
 
-Four measurements, each a small function that tests/test_bench.py runs on a tiny model:
-  1. train_throughput  tokens/s and MFU at r = mean_depth (forward r, backward k) vs a plain GPT with the same FLOPs
-  2. memory_vs_depth   peak memory of one training step for r = 4 .. 64 at k = 8: truncated backprop keeps it O(k)
-  3. compile_check     eager vs compile_loop() step time, recompiles while r changes every step, flash attention
-  4. decode_speed      batch-1 tokens/s: no cache, KV cache at fixed depth, KV cache + adaptive exit
-Prints a table for people, then one JSON line (device, versions, date and command included). Timing: warm-up,
-synchronize, median of repeats; the models compared take turns within each repeat, so a machine whose load drifts
-(shared CPU cores) slows both alike and their ratio stays fair.
+Four measurements (tests/test_bench.py runs each on a tiny model): 1. training tokens/s and MFU vs a plain GPT of
+equal FLOPs, 2. a step's peak memory for r = 4..64 at k = 8, 3. eager vs compile_loop() and recompiles while r changes,
+4. batch-1 decoding without and with the KV cache and adaptive exit. A table for people, then one JSON line (device,
+versions, date, command). Timing: warm-up, synchronize, median of repeats, the models compared taking turns within a
+repeat: load drifting on shared cores slows them alike, and their ratio stays fair.
 """
 
+import copy
 import json
 import os
 import platform
@@ -31,9 +29,8 @@ from datetime import datetime, timezone
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import configure
+from configurator import check, check_device, configure, sync
 from model import GPT, GPTConfig, load_checkpoint, plain_config, sample_depth
-from sample import check_device, sync
 
 # -- settings, overridden by --key=value (configurator.py) -------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
@@ -44,6 +41,10 @@ ckpt = ''                  # a checkpoint (train.py) to decode with: adaptive ex
 decode_compile = ''        # '' | 'default' | 'reduce-overhead' (CUDA graphs, CUDA only): also time compiled decoding
 seed = 1337
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+CHECKS = {'device': ("'cpu' or 'cuda'", lambda v: v in SIZES), 'threads': ('an integer >= 1', lambda v: v >= 1),
+          'decode_compile': ("'', 'default' or 'reduce-overhead'", lambda v: v in ('', 'default', 'reduce-overhead')),
+          'json_out': ('a file name in an existing folder', lambda v: not v or (not os.path.isdir(v) and os.path.isdir(
+              os.path.dirname(os.path.abspath(v)))))}
 
 # Model sizes per device. CPU: small enough for 2 cores; CUDA: GPT-2 small's width, context and vocabulary.
 SIZES = {'cpu': dict(n_embd=128, n_head=4, block_size=256, vocab_size=512),
@@ -62,10 +63,9 @@ RUN = {False: dict(warmup=2, repeats=5, decode_tokens=512, decode_repeats=3, dep
 PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12))
 
 
-# -- timing ------------------------------------------------------------------------------------------------------------
+# -- timing and models -------------------------------------------------------------------------------------------------
 def median_times(fns, dev, warmup, repeats):
-    """Median seconds per call of each function in the dict `fns`, after `warmup` untimed calls of each.
-    Within a repeat every function runs once, in turn, so slow spells of a shared machine hit all of them."""
+    """Median seconds per call of each function in `fns` (a dict), after `warmup` calls; they take turns."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -80,15 +80,8 @@ def median_times(fns, dev, warmup, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def autocast(dev):
-    """bf16 on CUDA, fp32 on CPU. cache_enabled=False: a bf16 copy of a loop weight cached in the no-grad iterations
-    would be reused by the with-grad ones and the loop weights would get no gradient (§3 trap, pytorch#65766)."""
-    return torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False) if dev == 'cuda' else nullcontext()
-
-
 def matmul_ceiling(dev, calls=10):
-    """(fn, flops): fn runs `calls` large square matmuls in the bench's dtype; their FLOP/s are the most this machine's
-    matmuls reach. Timed in turn with the models, so it sees the same load (on shared CPU cores) as they do."""
+    """(fn, flops): `calls` large square matmuls in the bench's dtype, the most FLOP/s this machine's matmuls reach."""
     n, dtype = (8192, torch.bfloat16) if dev == 'cuda' else (1024, torch.float32)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
 
@@ -98,22 +91,16 @@ def matmul_ceiling(dev, calls=10):
     return fn, calls * 2 * n ** 3
 
 
-# -- models ------------------------------------------------------------------------------------------------------------
-def loop_config(dev, **overrides):
-    """The benchmarked looped model at this device's size."""
-    return GPTConfig(**{**SIZES[dev], **LOOP, **overrides})
-
-
 def width(cfg):
     """Everything but the depth: a plain twin shares these (and its blocks and positions) with the looped model."""
-    keys = ('block_size', 'vocab_size', 'n_embd', 'n_head', 'bias', 'dropout', 'norm', 'pos', 'window')
-    return {k: getattr(cfg, k) for k in keys}
+    return {k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_embd', 'n_head', 'bias', 'dropout', 'norm',
+                                         'pos', 'window')}
 
 
-def training_flops(cfg, num_steps):
-    """Training FLOPs per token (forward r, backward k, §6), from a weightless model on the meta device."""
+def training_flops(cfg, r):
+    """Training FLOPs per token at depth r (forward r, backward k, §6), from a weightless model on the meta device."""
     with torch.device('meta'):
-        return GPT(cfg).flops_per_token(num_steps)
+        return GPT(cfg).flops_per_token(r)
 
 
 def equal_flop_layers(cfg):
@@ -125,19 +112,22 @@ def equal_flop_layers(cfg):
 
 
 def build(cfg, dev):
+    """GPT(cfg) initialised on dev (no CPU copy of GPT-2-sized weights to move), the same weights every time."""
     torch.manual_seed(seed)
-    with torch.device(dev):  # initialise on the device: no CPU copy of GPT-2-sized weights to move
+    with torch.device(dev):
         return GPT(cfg)
 
 
 def make_train_step(model, dev, batch_size):
-    """step(r): one AdamW step at depth r on random tokens (speed and memory do not depend on the data)."""
+    """step(r): one AdamW step at depth r on random tokens (speed and memory do not depend on the data), bf16 on
+    CUDA, fp32 on CPU. cache_enabled=False: a weight cast under no_grad would be reused with grad (§3 trap)."""
     x = torch.randint(model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev)
+    ctx = torch.autocast('cuda', torch.bfloat16, cache_enabled=False) if dev == 'cuda' else nullcontext()
 
-    def step(num_steps):
-        with autocast(dev):
-            _, loss = model(x, x, num_steps=num_steps)
+    def step(r):
+        with ctx:
+            _, loss = model(x, x, num_steps=r)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -146,9 +136,8 @@ def make_train_step(model, dev, batch_size):
 
 # -- 1. training throughput --------------------------------------------------------------------------------------------
 def train_throughput(cfg, dev, batch_size, warmup, repeats, peak=None, compile=False):
-    """Tokens/s of the looped model at r = mean_depth, of a plain GPT with the same training FLOPs per token, and of
-    the plain GPT that unrolls the same forward (1 + 8 x 2 + 1 = 18 layers): what truncated backprop saves (§3).
-    Each row: FLOPs counted as §6 says, MFU against the spec peak, and against the measured matmul ceiling."""
+    """Tokens/s of the looped model at r = mean_depth, a plain GPT of equal training FLOPs per token, and the plain GPT
+    unrolling the same forward (18 layers: what truncated backprop saves, §3); MFU vs spec peak and matmul ceiling."""
     n_unrolled = cfg.n_prelude + cfg.mean_depth * cfg.n_loop + cfg.n_coda
     models = {'loop': (cfg, cfg.mean_depth), 'plain': (plain_config(equal_flop_layers(cfg), **width(cfg)), 1),
               'unrolled': (plain_config(n_unrolled, **width(cfg)), 1)}
@@ -172,32 +161,27 @@ def train_throughput(cfg, dev, batch_size, warmup, repeats, peak=None, compile=F
 
 # -- 2. memory vs depth ------------------------------------------------------------------------------------------------
 def memory_vs_depth(cfg, dev, batch_size, depths=MEMORY_DEPTHS):
-    """Peak memory of the first training step at each depth r (k = cfg.backprop_depth), in MiB: `total` is the peak,
-    `step` the peak above the memory held after building the model and optimizer (activations, gradients, AdamW
-    state). With truncated backprop only the last k iterations keep activations, so `step` should not grow with r."""
-    measure = cuda_step_memory if dev == 'cuda' else cpu_step_memory
-    rows = {r: dict(zip(('total', 'step'), (b / 2 ** 20 for b in measure(cfg, r, batch_size)))) for r in depths}
+    """MiB of the first training step at each depth r: `total` the peak, `step` the peak above the model's and
+    optimizer's memory. Truncated backprop keeps activations of the last k iterations only: `step` stays flat in r."""
+    rows = {r: dict(zip(('total', 'step'), (b / 2 ** 20 for b in step_memory(cfg, r, batch_size, dev))))
+            for r in depths}
     ratio = rows[64]['step'] / rows[8]['step'] if 64 in rows and 8 in rows else None
     return dict(backprop_depth=cfg.backprop_depth, batch_size=batch_size, rows=rows, step_ratio_64_8=ratio)
 
 
-def cuda_step_memory(cfg, r, batch_size):
-    """(peak, peak - baseline) bytes from CUDA's allocator statistics, which can be reset between depths."""
-    step = make_train_step(build(cfg, 'cuda'), 'cuda', batch_size)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step(r)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del step
-    torch.cuda.empty_cache()
-    return peak, peak - baseline
-
-
-def cpu_step_memory(cfg, r, batch_size):
-    """(peak, peak - baseline) bytes of resident memory, measured in a fresh Python process: the peak RSS is a
-    high-water mark that cannot be reset, so every depth needs its own process."""
+def step_memory(cfg, r, batch_size, dev):
+    """(peak, peak - baseline) bytes: CUDA's allocator statistics, reset between depths; on CPU the resident memory of
+    a fresh process per depth (peak RSS cannot be reset)."""
+    if dev == 'cuda':
+        step = make_train_step(build(cfg, 'cuda'), 'cuda', batch_size)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        step(r)
+        torch.cuda.synchronize()
+        del step
+        torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - baseline
     code = 'import json, sys, bench; print(json.dumps(bench.rss_of_one_step(**json.loads(sys.argv[1]))))'
     args = json.dumps(dict(cfg=asdict(cfg), r=r, batch_size=batch_size, threads=torch.get_num_threads()))
     proc = subprocess.run([sys.executable, '-c', code, args], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -217,8 +201,8 @@ def rss_of_one_step(cfg, r, batch_size, threads):
 
 
 def peak_rss():
-    """This process's peak resident memory in bytes. On Linux read VmHWM: getrusage's ru_maxrss survives fork + exec,
-    so a child started by a big parent reports the parent's size as its own peak. Elsewhere ru_maxrss (macOS: bytes)."""
+    """Peak resident bytes of this process: Linux's VmHWM (ru_maxrss would give a child its big parent's peak),
+    elsewhere ru_maxrss (macOS: bytes)."""
     if os.path.exists('/proc/self/status'):
         with open('/proc/self/status') as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
@@ -232,19 +216,9 @@ def compiled_graphs():
     return counters['stats']['unique_graphs']
 
 
-def reset_compiler():
-    """Fresh dynamo caches: graphs built before must not count, nor against the recompile limit (8 per function),
-    and the models they captured are freed before the next section measures memory."""
-    import gc
-    import torch._dynamo
-    torch._dynamo.reset()
-    gc.collect()
-
-
 def compile_check(cfg, dev, batch_size, warmup, repeats, depth_changes, **compile_kwargs):
     """Eager vs compile_loop() step time at r = mean_depth, compile time, and recompiles while r changes every step.
-    The warm-up (r = k + 2) builds every graph once: prelude, coda, and loop_step under no_grad, with grad from a
-    no-grad state, and with grad from a with-grad state. After that new depths must add no graph (§3 trap)."""
+    The warm-up (r = k + 2) builds every graph (prelude, coda, loop_step without and with grad); new r add none (§3)."""
     eager_step = make_train_step(build(cfg, dev), dev, batch_size)
     step = make_train_step(build(cfg, dev).compile_loop(**compile_kwargs), dev, batch_size)
     graphs0, t0 = compiled_graphs(), time.perf_counter()
@@ -262,19 +236,12 @@ def compile_check(cfg, dev, batch_size, warmup, repeats, depth_changes, **compil
 
 
 def flash_check(cfg, dev):
-    """Does SDPA run the flash kernel? Allowed only FLASH_ATTENTION, PyTorch raises instead of silently falling back
-    to the math kernel (§3 trap: explicit mask, fp32 inputs on CUDA, head dim > 256, cached steps with is_causal)."""
-    model = build(cfg, dev)
-    x = torch.randint(cfg.vocab_size, (1, cfg.block_size), device=dev)
-
-    def train():
-        with autocast(dev):
-            _, loss = model(x, x, num_steps=2)
-        loss.backward()
-
-    def decode():  # as decode_speed runs it: prompt prefill, then one position at a time against the cache
-        inference_model(model, dev).generate(x[:, :8], 4, num_steps=2, temperature=0)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+    """Does SDPA run the flash kernel? Allowed only that, PyTorch raises instead of falling back to the math kernel
+    (§3 trap: explicit mask, fp32 inputs on CUDA, head dim > 256, cached steps with is_causal)."""
+    model, x = build(cfg, dev), torch.randint(cfg.vocab_size, (1, cfg.block_size), device=dev)
+    train = lambda: make_train_step(model, dev, 1)(2)  # noqa: E731
+    decode = lambda: inference_model(model, dev).generate(x[:, :8], 4, num_steps=2, temperature=0)  # noqa: E731
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # as decode_speed runs it: prefill, then one position at a time
         return dict(train=runs(train), decode=runs(decode))  # in this order: inference_model casts to bf16
 
 
@@ -289,8 +256,7 @@ def runs(fn):
 
 # -- 4. decoding -------------------------------------------------------------------------------------------------------
 def inference_model(model, dev):
-    """Decoding reads every weight once per token per use: on CUDA keep the weights in bf16 (half the bytes of fp32
-    under autocast, which would re-cast them on every call) as gpt-fast does. On CPU fp32."""
+    """bf16 weights on CUDA (gpt-fast): decoding reads each weight per token, autocast would re-cast fp32 each call."""
     return model.to(torch.bfloat16).eval() if dev == 'cuda' else model.eval()
 
 
@@ -303,84 +269,69 @@ def generate_uncached(model, idx, max_new_tokens, num_steps):
     return idx, torch.full((idx.size(0), max_new_tokens), num_steps)
 
 
-def decoders(model, r, exit_threshold):
-    """name -> fn(prompt, n) -> (tokens, depths): the three ways to decode greedily at fixed or adaptive depth <= r."""
-    return {'no cache': lambda p, n: generate_uncached(model, p, n, r),
-            'cache': lambda p, n: model.generate(p, n, num_steps=r, temperature=0),
-            'cache + exit': lambda p, n: model.generate(p, n, num_steps=r, temperature=0,
-                                                        exit_threshold=exit_threshold)}
-
-
-def compiled_decoders(model, r, exit_threshold, mode):
-    """The cached decoders again on a compiled copy. CUDA graphs replay into fixed output buffers while the loop feeds
-    loop_step its own output (§3 trap), so outputs are cloned before the next call. Unmeasured on a GPU so far."""
-    import copy
-    compiled = copy.deepcopy(model).compile_loop(mode=mode)
-    for name in ('prelude', 'loop_step', 'coda'):
-        setattr(compiled, name, (lambda fn: lambda *a, **kw: fn(*a, **kw).clone())(getattr(compiled, name)))
-    fns = decoders(compiled, r, exit_threshold)
-    return {f'{name} (compiled, {mode})': fns[name] for name in ('cache', 'cache + exit')}
+def decoders(model, r, exit_threshold, compile_mode=''):
+    """name -> fn(prompt, n) -> (tokens, depths): greedy decoding at fixed or adaptive depth <= r, without and with the
+    KV cache, and with compile_mode the cached ones on a compiled copy, whose outputs are cloned: CUDA graphs replay
+    into fixed buffers while the loop feeds loop_step its own output (§3 trap). Unmeasured on a GPU so far."""
+    fns = {'no cache': lambda p, n: generate_uncached(model, p, n, r),
+           'cache': lambda p, n: model.generate(p, n, num_steps=r, temperature=0),
+           'cache + exit': lambda p, n: model.generate(p, n, num_steps=r, temperature=0, exit_threshold=exit_threshold)}
+    if compile_mode:
+        compiled = copy.deepcopy(model).compile_loop(mode=compile_mode)
+        for name in ('prelude', 'loop_step', 'coda'):
+            setattr(compiled, name, (lambda fn: lambda *a, **kw: fn(*a, **kw).clone())(getattr(compiled, name)))
+        fns.update({f'{name} (compiled, {compile_mode})': fn
+                    for name, fn in decoders(compiled, r, exit_threshold).items() if name != 'no cache'})
+    return fns
 
 
 def decode_speed(model, dev, new_tokens, repeats, r=None, exit_threshold=EXIT_THRESHOLD, compile_mode=''):
-    """Batch-1 greedy decoding of `new_tokens` tokens after a PROMPT_LEN prompt: tokens/s, mean loop iterations per
-    token, and GB/s of weights read (the limit at batch 1 is reading every weight for every token)."""
-    r = r or model.config.mean_depth
-    model = inference_model(model, dev)
-    fns = decoders(model, r, exit_threshold)
-    if compile_mode:
-        fns.update(compiled_decoders(model, r, exit_threshold, compile_mode))
+    """Batch-1 greedy decoding of new_tokens after a PROMPT_LEN prompt: tokens/s, loop iterations per token, and GB/s
+    of weights read (at batch 1 the limit is reading every weight for every token)."""
+    r, model = r or model.config.mean_depth, inference_model(model, dev)
+    fns = decoders(model, r, exit_threshold, compile_mode)
     prompt = torch.randint(model.config.vocab_size, (1, PROMPT_LEN), device=dev)
     for fn in fns.values():
         fn(prompt, 8)  # warm-up: kernels, allocator and (compiled rows) compilation, on a short run
-    last = {}
-    timed = {name: (lambda fn, name: lambda: last.__setitem__(name, fn(prompt, new_tokens)))(fn, name)
-             for name, fn in fns.items()}
-    graphs0 = compiled_graphs()
-    times = median_times(timed, dev, 0, repeats)
+    last, graphs0 = {}, compiled_graphs()
+    times = median_times({name: (lambda fn, name: lambda: last.__setitem__(name, fn(prompt, new_tokens)))(fn, name)
+                          for name, fn in fns.items()}, dev, 0, repeats)
     rows = {}
     for name in fns:  # the exit test reads the coda's logits after every iteration: it reads the coda each time
-        iters = last[name][1].float().mean().item()
-        gb = weight_bytes_per_token(model, iters, 'exit' in name) / 1e9
-        rows[name] = dict(tokens_per_s=new_tokens / times[name], mean_iterations=iters,
+        iterations = last[name][1].float().mean().item()
+        gb = weight_bytes_per_token(model, iterations, 'exit' in name) / 1e9
+        rows[name] = dict(tokens_per_s=new_tokens / times[name], mean_iterations=iterations,
                           weight_gb_per_s=None if name == 'no cache' else gb * new_tokens / times[name])
     return dict(new_tokens=new_tokens, depth=r, exit_threshold=exit_threshold, rows=rows,
                 cache_speedup=rows['cache']['tokens_per_s'] / rows['no cache']['tokens_per_s'],
                 recompiles_while_timed=compiled_graphs() - graphs0)  # compiled rows: dynamic positions settle early
 
 
-def weight_bytes_per_token(model, iters, coda_every_iteration=False):
-    """Bytes of weights one cached decoding step reads: prelude once, loop block (+ adapter, state norm) once per
-    iteration, coda + final norm + head once, plus once per iteration when the exit rule reads the logits."""
-    size = lambda *mods: sum(p.numel() * p.element_size() for m in mods if m is not None for p in m.parameters())
+def weight_bytes_per_token(model, iterations, coda_every_iteration=False):
+    """Weight bytes of one cached decoding step: prelude once, loop block per iteration, coda and head once (and per
+    iteration when the exit rule reads the logits)."""
+    size = lambda *mods: sum(p.numel() * p.element_size()  # noqa: E731
+                             for m in mods if m is not None for p in m.parameters())
     t = model.transformer
-    prelude, loop, coda = size(t.prelude), size(t.loop, model.adapter, model.ln_state), size(t.coda, t.ln_f,
-                                                                                            model.lm_head)
-    return prelude + iters * loop + (1 + (iters if coda_every_iteration else 0)) * coda
+    loop, coda = size(t.loop, model.adapter, model.ln_state), size(t.coda, t.ln_f, model.lm_head)
+    return size(t.prelude) + iterations * loop + (1 + (iterations if coda_every_iteration else 0)) * coda
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
-def environment(dev, argv):
-    """Device, versions, date and command: what every stored result carries (modded-nanogpt records)."""
-    cpus = []
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            cpus = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    cpu = f"{cpus[0]} ({len(cpus)} cores)" if cpus else f"{platform.machine()} CPU"
-    return dict(device=dev, device_name=torch.cuda.get_device_name() if dev == 'cuda' else cpu,
-                threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-                command=' '.join(['python', 'bench.py', *argv]))
-
-
 def header(cfg, dev, batch_size, quick, argv):
-    """What every result carries: environment, settings, the model, and the FLOP/s it is measured against."""
-    model = {k: getattr(cfg, k) for k in ('n_embd', 'n_head', 'block_size', 'vocab_size', *LOOP)}
-    name = torch.cuda.get_device_name() if dev == 'cuda' else ''
-    return dict(env=environment(dev, argv), quick=quick, dtype='bf16' if dev == 'cuda' else 'fp32',
-                model=', '.join(f'{k}={v}' for k, v in model.items()), batch_size=batch_size,
+    """What every result carries (modded-nanogpt records): device, versions, date and command, the settings, the
+    model, and the spec-sheet FLOP/s it is measured against (None on CPU)."""
+    with open('/proc/cpuinfo') if os.path.exists('/proc/cpuinfo') else nullcontext([]) as f:  # Linux names its CPU
+        cpus = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    name = torch.cuda.get_device_name() if dev == 'cuda' else (
+        f"{cpus[0]} ({len(cpus)} cores)" if cpus else f"{platform.machine()} CPU")
+    env = dict(device=dev, device_name=name, threads=torch.get_num_threads(), torch=torch.__version__,
+               python=platform.python_version(), date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+               command=' '.join(['python', 'bench.py', *argv]))
+    model = ', '.join(f'{k}={getattr(cfg, k)}' for k in ('n_embd', 'n_head', 'block_size', 'vocab_size', *LOOP))
+    return dict(env=env, quick=quick, dtype='bf16' if dev == 'cuda' else 'fp32', model=model, batch_size=batch_size,
                 block_size=cfg.block_size, depth=cfg.mean_depth,
-                peak=next((peak for key, peak in PEAK_FLOPS if key in name), None))  # spec sheet; None on CPU
+                peak=next((peak for key, peak in PEAK_FLOPS if dev == 'cuda' and key in name), None))
 
 
 def table(title, header, rows):
@@ -391,18 +342,12 @@ def table(title, header, rows):
         print('  '.join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def pct(x):
-    return '-' if x is None else f"{100 * x:.1f}%"
-
-
-def verdict(value, ok):
-    return 'n/a' if value is None else ('met' if ok else 'MISSED')
-
-
 def print_report(res):
     env, tr, mem, c, d = res['env'], res['train'], res['memory'], res['compile'], res['decode']
-    print(f"nanoloop bench | {env['device_name']}, {env['threads']} threads | torch {env['torch']} | {env['date']}")
-    print(f"{env['command']} | {res['dtype']} | {res['model']}")
+    pct = lambda x: '-' if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    verdict = lambda value, ok: 'n/a' if value is None else ('met' if ok else 'MISSED')  # noqa: E731
+    print(f"nanoloop bench | {env['device_name']}, {env['threads']} threads | torch {env['torch']} | {env['date']}\n"
+          f"{env['command']} | {res['dtype']} | {res['model']}")
     table(f"1. training: batch {res['batch_size']} x {res['block_size']} tokens, one AdamW step, "
           f"{'compile_loop()' if tr['compiled'] else 'eager'}",
           ['model', 'layers', 'k', 'MFLOP/tok', 'ms/step', 'tok/s', 'TFLOP/s', 'MFU', 'of ceiling'],
@@ -416,9 +361,9 @@ def print_report(res):
           f"{unrolled:.2f}\nmatmul ceiling (measured) {tr['ceiling'] / 1e12:.3f} TFLOP/s; MFU against the spec peak "
           f"{peak} TFLOP/s: loop {pct(mfu)} "
           f"(target >= 50% at n_embd 768 on an H100: {verdict(mfu, mfu is not None and mfu >= 0.5)})")
-    kind = 'torch.cuda.max_memory_allocated' if env['device'] == 'cuda' else 'peak RSS, one process per r'
     table(f"2. memory of the first training step vs depth: k = {mem['backprop_depth']}, batch {mem['batch_size']} "
-          f"({kind})", ['r', 'peak MiB', 'step MiB'],
+          f"({'torch.cuda.max_memory_allocated' if env['device'] == 'cuda' else 'peak RSS, one process per r'})",
+          ['r', 'peak MiB', 'step MiB'],
           [[r, f"{m['total']:,.1f}", f"{m['step']:,.1f}"] for r, m in mem['rows'].items()])
     ratio = mem['step_ratio_64_8']
     print(f"step memory r=64 / r=8: {'-' if ratio is None else f'{ratio:.2f}'} "
@@ -430,7 +375,7 @@ def print_report(res):
           f"(target 0: {verdict(c['recompiles'], c['recompiles'] == 0)})\n"
           f"flash attention kernel: train {c['flash']['train']}; cached decode {c['flash']['decode']}")
     table(f"4. decoding ({d['model']}): batch 1, {d['new_tokens']} new tokens, greedy, depth {d['depth']} "
-          f"(exit: KL < {d['exit_threshold']:g})", ['decoder', 'tok/s', 'iters/token', 'weight GB/s'],
+          f"(exit: KL < {d['exit_threshold']:g})", ['decoder', 'tok/s', 'iterations/token', 'weight GB/s'],
           [[name, f"{r['tokens_per_s']:,.1f}", f"{r['mean_iterations']:.2f}",
             '-' if r['weight_gb_per_s'] is None else f"{r['weight_gb_per_s']:.2f}"] for name, r in d['rows'].items()])
     if d['recompiles_while_timed']:
@@ -441,53 +386,43 @@ def print_report(res):
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
-def log(msg):
-    """Progress on stderr, so that stdout holds only the table and the JSON line."""
+def section(msg):
+    """Progress on stderr (stdout holds only the report and the JSON line), and fresh dynamo caches: earlier graphs
+    count neither in this section nor against the recompile limit, and the models they hold are freed."""
+    import gc
+    import torch._dynamo
+    torch._dynamo.reset()
+    gc.collect()
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def settings(argv):
-    """--key=value settings checked before any work: a bad value, device, checkpoint or JSON folder is one line
-    now, not an error after minutes of benchmarking. -> (settings, the checkpoint's model or None)."""
-    opts = types.SimpleNamespace(**configure(DEFAULTS, argv))
-    if opts.device not in SIZES:
-        raise ValueError(f"device={opts.device!r} is not allowed: expected 'cpu' or 'cuda'")
-    check_device(opts.device)
-    if opts.threads < 1:
-        raise ValueError(f"threads={opts.threads} is not allowed: expected an integer >= 1")
-    if opts.decode_compile not in ('', 'default', 'reduce-overhead'):
-        raise ValueError(f"decode_compile={opts.decode_compile!r} is not allowed: expected '', 'default' or "
-                         f"'reduce-overhead'")
-    if opts.decode_compile == 'reduce-overhead' and opts.device != 'cuda':
+    """(settings, the checkpoint's model or None), every bad value, device or checkpoint a line before any work."""
+    opts = configure(DEFAULTS, argv)
+    check(opts, CHECKS)
+    check_device(opts['device'])
+    if opts['decode_compile'] == 'reduce-overhead' and opts['device'] != 'cuda':
         raise ValueError("decode_compile='reduce-overhead' is not allowed on cpu: CUDA graphs need --device=cuda")
-    if opts.json_out and (os.path.isdir(opts.json_out) or not os.path.isdir(os.path.dirname(
-            os.path.abspath(opts.json_out)))):
-        raise ValueError(f"json_out={opts.json_out!r} is not allowed: expected a file name in an existing folder")
-    return opts, load_checkpoint(opts.ckpt)[0] if opts.ckpt else None
+    return types.SimpleNamespace(**opts), load_checkpoint(opts['ckpt'])[0] if opts['ckpt'] else None
 
 
 def run(opts, argv, model=None):
-    """All four measurements in one run -> one result dict (what the JSON line holds). model: decode this one (a
-    checkpoint's, already loaded) instead of a random model of the bench's size."""
-    dev, t, cfg = opts.device, RUN[opts.quick], loop_config(opts.device)
-    log(f"bench on {dev}{' (quick)' if opts.quick else ''}")
+    """The four measurements -> the result dict of the JSON line; decoding uses `model` (a checkpoint's) if given."""
+    dev, t, cfg = opts.device, RUN[opts.quick], GPTConfig(**SIZES[opts.device], **LOOP)
     res = header(cfg, dev, BATCH[dev], opts.quick, argv)
-    reset_compiler()
-    log("1. training throughput: loop, equal-FLOP plain, unrolled, matmul ceiling")
+    section(f"bench on {dev}{' (quick)' if opts.quick else ''}: 1. training throughput: loop, equal-FLOP plain, "
+            f"unrolled, matmul ceiling")
     res['train'] = train_throughput(cfg, dev, BATCH[dev], t['warmup'], t['repeats'], res['peak'], compile=dev == 'cuda')
-    log(f"2. memory of one training step for r in {MEMORY_DEPTHS}")
-    reset_compiler()
+    section(f"2. memory of one training step for r in {MEMORY_DEPTHS}")
     res['memory'] = memory_vs_depth(replace(cfg, backprop_depth=MEMORY_K), dev,
                                     max(1, round(t['memory_batch'] * BATCH[dev])))
-    # 3. fresh dynamo caches. --quick on CPU traces with dynamo only (backend='eager'): recompiles are dynamo's, and
-    # inductor's CPU compile takes 25 s (quiet) to over 2 min (shared) on 2 cores, so only the full run times it.
-    log("3. compilation and flash attention")
-    reset_compiler()
+    # 3. --quick on CPU traces with dynamo only (backend='eager'): recompiles are dynamo's, and inductor's CPU compile
+    # takes 25 s (quiet) to over 2 min (shared) on 2 cores, so only the full run times it
+    section("3. compilation and flash attention")
     backend = 'eager' if opts.quick and dev == 'cpu' else 'inductor'
     res['compile'] = dict(compile_check(cfg, dev, BATCH[dev], t['warmup'], t['repeats'], t['depth_changes'],
                                         backend=backend), backend=backend, flash=flash_check(cfg, dev))
-    log(f"4. decoding {t['decode_tokens']} tokens")
-    reset_compiler()
+    section(f"4. decoding {t['decode_tokens']} tokens")
     model = model.to(dev) if model is not None else build(
         replace(cfg, block_size=max(cfg.block_size, PROMPT_LEN + t['decode_tokens'])), dev)  # room for the tokens
     res['decode'] = dict(decode_speed(model, dev, t['decode_tokens'], t['decode_repeats'],
@@ -503,11 +438,10 @@ def main(argv):
         torch.set_float32_matmul_precision('high')  # TF32 for any fp32 matmul left outside autocast
     res = run(opts, argv, model)
     print_report(res)
-    line = json.dumps(res)
-    print(line)
+    print(json.dumps(res))
     if opts.json_out:
         with open(opts.json_out, 'w') as f:
-            f.write(line + '\n')
+            f.write(json.dumps(res) + '\n')
 
 
 if __name__ == '__main__':

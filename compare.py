@@ -14,10 +14,12 @@ train.log); a finished run with the same settings is reused. Any train.py key ca
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -74,12 +76,6 @@ def is_finished(settings):
     return same and ckpt['iter_num'] == settings['max_iters']
 
 
-def train_seconds(out_dir):
-    """Training wall time of a finished run, from the last row of its log.jsonl."""
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return json.loads(f.readlines()[-1])['time_s']
-
-
 def command(settings):
     """The train.py command line of a run: every key that differs from train.py's default."""
     args = [f'--{k}={v}' for k, v in settings.items() if v != train.DEFAULTS[k]]
@@ -87,9 +83,9 @@ def command(settings):
 
 
 def train_all(runs, jobs, device):
-    """Run the training commands, `jobs` at a time. One thread per run on CPU: on a 2-core machine two single-thread
-    runs finish sooner than two that fight over both cores."""
-    env = dict(os.environ, OMP_NUM_THREADS='1') if device == 'cpu' and jobs > 1 else os.environ
+    """Run the training commands, `jobs` at a time. One thread per run on CPU: tiny models gain nothing from a second
+    thread, and one that waits for a busy core slows a run many times over."""
+    env = dict(os.environ, OMP_NUM_THREADS='1') if device == 'cpu' else dict(os.environ)
     pending, running = list(runs.items()), {}
     while pending or running:
         while pending and len(running) < jobs:
@@ -113,12 +109,9 @@ def train_all(runs, jobs, device):
 
 
 def test_depths(config):
-    """1, 2, 4, ... up to 4 x max_depth (the issue's "at least 4x the training cap"), plus mean_depth."""
-    top, r, out = 4 * config.max_depth, 1, {config.mean_depth}
-    while r <= top:
-        out.add(r)
-        r *= 2
-    return sorted(out)
+    """1, 2, 4, 8, ... up to 4 x max_depth, plus mean_depth and 1, 2 and 4 x the training cap max_depth."""
+    cap = config.max_depth
+    return sorted({2 ** i for i in range(int(math.log2(4 * cap)) + 1)} | {config.mean_depth, cap, 2 * cap, 4 * cap})
 
 
 def buckets(length):
@@ -155,13 +148,14 @@ def score(model, batches, num_steps=None, exit_threshold=None, max_steps=None):
     return sum(losses) / n, torch.cat(correct), sum(iters) / n
 
 
-def evaluate(model, batches, depths, cfg):
-    """{r or 'adaptive': (loss, correct, mean iterations)}; a plain model is evaluated at r = 1 only."""
+def evaluate(model, batches, depths, cfg, first=0):
+    """{r or 'adaptive': (loss, correct (N, T - first), mean iterations)}; a plain model is evaluated at r = 1 only.
+    first: leading columns left out of `correct` (a task's BOS token)."""
     plain = model.config.max_depth == 1
     rows = {r: score(model, batches, r) for r in ([1] if plain else depths)}
     if not plain:
         rows['adaptive'] = score(model, batches, exit_threshold=cfg['exit_threshold'], max_steps=max(depths))
-    return rows
+    return {r: (loss, correct[:, first:], iters) for r, (loss, correct, iters) in rows.items()}
 
 # -----------------------------------------------------------------------------
 # diagnostics: does the loop use its state? (Huginn §4.3: a failed loop "learned early to ignore the incoming state")
@@ -182,7 +176,10 @@ def diagnose(model, x, depths=None):
     depths = depths or list(range(1, 2 * cfg.mean_depth + 1))
     e = model.prelude(x)
     noise = lambda seed: init_state(e, 'noise', cfg.state_std, torch.Generator().manual_seed(seed))
-    runs = [run_loop(model, noise(seed), e, max(depths)) for seed in (0, 1)]
+    runs = [[noise(seed)] for seed in (0, 1)]  # [s_0, s_1, ..., s_r] from two starting points
+    for states in runs:
+        for _ in range(max(depths)):
+            states.append(model.loop_step(states[-1], e))
     probs = [[F.softmax(model.coda(s).float(), -1) for s in states] for states in runs]
     states = runs[0]
     rms = lambda t: t.float().pow(2).mean().sqrt().item()
@@ -191,14 +188,6 @@ def diagnose(model, x, depths=None):
         step={i: ((states[i] - states[i - 1]).norm() / states[i].norm()).item() for i in range(1, len(states))},
         state_share=adapter_share(model),
         state_scale=(rms(states[0]) / rms(e), rms(states[-1]) / rms(e)))
-
-
-def run_loop(model, s, e, r):
-    """[s_0, s_1, ..., s_r]: the state after each iteration."""
-    states = [s]
-    for _ in range(r):
-        states.append(model.loop_step(states[-1], e))
-    return states
 
 
 def adapter_share(model):
@@ -222,9 +211,11 @@ def format_diagnosis(d):
              '  state move |ds|/|s|    ' + ' '.join(f'{v:6.3f}' for v in d['step'].values()),
              f"  adapter weight on the state: {share}; RMS(s)/RMS(e): s_0 {d['state_scale'][0]:.2f}, "
              f"final {d['state_scale'][1]:.2f}"]
+    first = d['s0_effect'][min(d['s0_effect'])]
     verdict = ('the loop IGNORES its state: the output does not depend on s_0 and the state stops after one '
                'iteration (Huginn §4.3)' if ignores_state(d) else
-               'the loop uses its state: the output depends on s_0 at small r')
+               f'the loop barely reads its state: s_0 moves the output by TV {first:.3f} < 0.01 after one iteration'
+               if first < 0.01 else 'the loop uses its state: the output depends on s_0 at small r')
     return '\n'.join(lines + ['  verdict: ' + verdict])
 
 # -----------------------------------------------------------------------------
@@ -301,8 +292,16 @@ def save_plot(results, path, length):
 # -----------------------------------------------------------------------------
 
 
+def int_list(cfg, key):
+    """'1337,1338' -> [1337, 1338], or one line naming the key."""
+    try:
+        return [int(v) for v in str(cfg[key]).split(',')]
+    except ValueError:
+        raise ValueError(f"{key}={cfg[key]!r}: expected comma-separated integers, e.g. 1,2,4") from None
+
+
 def compare(cfg):
-    kinds, seeds = cfg['models'].split(','), [int(s) for s in str(cfg['seeds']).split(',')]
+    kinds, seeds = cfg['models'].split(','), int_list(cfg, 'seeds')
     bad = [k for k in kinds if k not in ('looped', 'params', 'flops')]
     if bad or not kinds:
         raise ValueError(f"models={cfg['models']!r}: expected a comma-separated subset of looped, params, flops")
@@ -310,16 +309,19 @@ def compare(cfg):
     todo = {name: st for name, st in runs.items() if not is_finished(st)}
     train_all(todo, cfg['jobs'], cfg['device'])
     path = prepare.dataset_dir(cfg['dataset'], cfg['data_dir'])
-    length = prepare.read_meta(path).get('example_len')
+    meta = prepare.read_meta(path)
+    length, first = meta.get('example_len'), int(meta.get('bos', False))  # a BOS column is no difficulty
     batches = test_set(path, length) if length else train.eval_batches(
         types_ns(cfg, eval_iters=cfg['eval_batches']), 'val', 'cpu')
     results = {}
     for name, settings in runs.items():
         model, ckpt = load_checkpoint(settings['out_dir'])
-        depths = [int(d) for d in cfg['depths'].split(',')] if cfg['depths'] else test_depths(model.config)
-        wall = train_seconds(settings['out_dir'])  # as train.py logged it, for fresh and reused runs alike
+        depths = int_list(cfg, 'depths') if cfg['depths'] else test_depths(model.config)
+        with open(os.path.join(settings['out_dir'], 'log.jsonl')) as f:  # the run's own clock, fresh or reused
+            wall = json.loads(f.readlines()[-1])['time_s']
         results[f"{label(name.split('-')[0], model.config)} s{settings['seed']}"] = dict(
-            params=model.get_num_params(), wall=wall, rows=evaluate(model, batches, depths, cfg), depths=depths)
+            params=model.get_num_params(), wall=wall, rows=evaluate(model, batches, depths, cfg, first), depths=depths)
+    length = length and length - first
     looped = [r for r in results.values() if len(r['rows']) > 1]
     depths = looped[0]['depths'] if looped else [1]
     print(accuracy_table(results, length) if length else loss_table(results, depths))
@@ -327,26 +329,12 @@ def compare(cfg):
         if name.startswith('looped'):
             model, _ = load_checkpoint(settings['out_dir'])
             print(f'{name}: ' + format_diagnosis(diagnose(model, batches[0][0])))
-    with open(os.path.join(cfg['out_dir'], 'compare.json'), 'w') as f:
-        json.dump({n: summary(r, length) for n, r in results.items()}, f, indent=1)
     if cfg['plot']:
         save_plot(results, os.path.join(cfg['out_dir'], 'compare.png'), length)
     return results
 
 
-def summary(res, length):
-    """A result row in JSON: loss and mean iterations per depth, and accuracy per bucket for tasks."""
-    out = {'params': res['params'], 'wall_s': res['wall'], 'rows': {}}
-    for r, (loss, correct, iters) in res['rows'].items():
-        row = {'loss': loss, 'iterations': iters}
-        if length:
-            row['accuracy'] = {f'{a}-{b}': correct[:, a - 1:b].float().mean().item() for a, b in buckets(length)}
-        out['rows'][str(r)] = row
-    return out
-
-
 def types_ns(cfg, **overrides):
-    import types
     return types.SimpleNamespace(**{**cfg, **overrides})
 
 
@@ -354,7 +342,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = configure({**train.DEFAULTS, **OWN, 'out_dir': OWN_OUT}, argv)
-        torch.set_num_threads(1) if cfg['device'] == 'cpu' else None
+        if cfg['device'] == 'cpu':  # tiny models: a second thread only waits (and training runs use the cores)
+            torch.set_num_threads(1)
         if cfg['diagnose']:
             model, ckpt = load_checkpoint(cfg['diagnose'])
             c = types_ns({**train.DEFAULTS, **ckpt['config']}, batch_size=8, eval_iters=1)

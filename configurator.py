@@ -1,16 +1,17 @@
 """
-The one configurator every script uses (nanoGPT's, without its exec'd globals): a script's defaults dict, overridden
-in argv order by config files (positional arguments) and --key=value, e.g.
-
-    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False --eval_only
-
-A value keeps its default's type: strings stay as typed, anything else is a Python literal (3, 1e-3, True); a bool
-also takes true/false/1/0, and a bare --flag sets it True. A bad key or type is a ValueError of one line.
+The one configurator every script uses (nanoGPT's, without exec'd globals): a script's defaults dict, overridden in
+argv order by config files (positional arguments) and --key=value. A value keeps its default's type: strings stay as
+typed, the rest are Python literals (3, 1e-3, True; a bool also takes true/false/1/0, a bare --flag is True); a None
+default takes any literal, for the script's check(). Each bad key, type, value or device is a one-line ValueError.
 """
 import ast
 import math
 import os
 import types
+
+import torch
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # autocast; float32 = off
 
 
 def configure(defaults, argv):
@@ -43,9 +44,10 @@ def checked(defaults, key, value, source):
     """value, if key is a config key and value has its default's type (an int is accepted for a float)."""
     if key not in defaults:
         raise ValueError(f"unknown config key {key!r} (from {source}); allowed: {', '.join(sorted(defaults))}")
+    if defaults[key] is None:  # None or a literal: the script checks the value
+        return value
     expected = type(defaults[key])
-    if expected is float and type(value) is int:
-        value = float(value)
+    value = float(value) if expected is float and type(value) is int else value  # 3 for a float is 3.0
     if type(value) is not expected:
         raise ValueError(f"{key}={value!r} (from {source}) is {type(value).__name__}, expected {expected.__name__} "
                          f"like the default {defaults[key]!r}")
@@ -55,16 +57,44 @@ def checked(defaults, key, value, source):
 
 
 def read_config_file(path):
-    """The plain values a config file assigns; its imports and helper functions are skipped.
-    The file is exec'd, as in nanoGPT: a config file is Python the user writes and runs, like the scripts themselves,
-    so run only config files you would run as code. Nothing else nanoloop reads (data, checkpoints) is executed."""
+    """The plain values a config file assigns, not its imports and functions. It is exec'd, as in nanoGPT: a config
+    file is Python you write and run like the scripts. Nothing else nanoloop reads (data, checkpoints) is executed."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} not found (positional arguments are config files; "
-                         f"single values go as --key=value)")
-    namespace = {}
+        raise ValueError(f"config file {path!r} not found (a positional argument is a config file; use --key=value)")
     try:
-        exec(open(path).read(), namespace)
+        exec(open(path).read(), namespace := {})
     except Exception as e:
         raise ValueError(f"config file {path!r} failed to run: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith('_') and not isinstance(v, types.ModuleType) and not callable(v)}
+
+
+def check(cfg, rules):
+    """The first value of cfg (a dict) its rule refuses, as one line; rules: {key: (what is allowed, test)}."""
+    for key, (allowed, ok) in rules.items():
+        if not ok(cfg[key]):
+            raise ValueError(f"{key}={cfg[key]!r} is not allowed: expected {allowed}")
+
+
+def check_device(device, dtype='float32'):
+    """device exists on this machine and dtype runs there (CPU autocast runs bfloat16: float16 is GPU only)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed: expected one of {tuple(DTYPES)}")
+    n_cuda, mps = torch.cuda.device_count(), torch.backends.mps.is_available()
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # not a device string at all: 'foo', 'cuda:x'
+        dev = torch.device('meta')
+    if not (dev.type == 'cpu' or (dev.type == 'cuda' and (dev.index or 0) < n_cuda) or (dev.type == 'mps' and mps)):
+        available = ['cpu', *(f'cuda:{i}' for i in range(n_cuda)), *(['mps'] if mps else [])]
+        raise ValueError(f"device={device!r} is not available here: this machine has {', '.join(available)}")
+    if dtype == 'float16' and dev.type == 'cpu':
+        raise ValueError("dtype='float16' is not allowed on the CPU: expected 'bfloat16' or 'float32' there")
+    if dtype == 'bfloat16' and dev.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype='bfloat16' is not supported by {device}: expected 'float16' or 'float32'")
+
+
+def sync(device):
+    """CUDA launches are asynchronous: wait for the GPU so that a clock measures its work, not the launch."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()

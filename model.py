@@ -3,11 +3,11 @@ nanoloop: a recurrent-depth GPT in one file.
 
     tokens -> prelude -> e -> s_0 = init_state(e) -> [ s = loop_step(s, e) = Loop(inject(s, e)) ] x r -> coda -> logits
 
-The loop block reuses the same weights every iteration, so parameters do not grow with r: depth is chosen at run time.
+The loop block reuses its weights every iteration, so parameters do not grow with the depth r, chosen at run time.
 Huginn (Geiping et al., arXiv 2502.05171) trains this from scratch with a random r every step; ETD (Koishekenov et al.,
-arXiv 2510.07358) makes one from a pretrained GPT by iterating its middle layers (etd.py). The section signs (§) refer
-to METHOD.md. The blocks are GPT-2's (pre-LayerNorm, GELU-tanh MLP, learned positions, tied embeddings) so that GPT-2
-weights load.
+arXiv 2510.07358) makes one from a pretrained GPT by iterating its middle layers (etd.py). § refers to METHOD.md.
+Defaults follow Huginn (sandwich-norm blocks, rotary positions); GPT-2's pre-norm blocks and learned positions stay
+available (norm='pre', pos='learned') so that GPT-2 weights load exactly.
 """
 
 import inspect
@@ -34,7 +34,7 @@ def sample_depth(mean_depth, max_depth, generator=None, sigma=0.5):
 
 def init_state(e, kind, std, generator=None):
     """The loop's first state s_0 (§2). Huginn starts from noise (a normal cut at +-3 std, fresh per token and per call)
-    so the loop learns to converge from anywhere; ETD continues the residual stream (s_0 = e); zeros is exact for tests."""
+    so the loop learns to converge from anywhere; ETD continues the residual stream (s_0 = e); zeros is exact."""
     if kind == 'embed':
         return e
     if kind == 'zeros':
@@ -46,7 +46,7 @@ def init_state(e, kind, std, generator=None):
 
 def inject(s, e, kind, adapter=None):
     """Re-inject the prelude output e at the start of every iteration (§2) so the loop never forgets its input.
-    'concat' is Huginn's adapter s <- W [s; e]; 'add' is s + e; 'none' is ETD's plain residual iteration."""
+    'add' is s + e; 'concat' is Huginn's adapter s <- W [s; e]; 'none' is ETD's plain residual iteration."""
     if kind == 'concat':
         return adapter(torch.cat([s, e], dim=-1))
     if kind == 'add':
@@ -75,19 +75,17 @@ def fill_latest(loop_kv, depths, pos):
     """The early-exit KV cache (§5), Huginn's "latest" lookup done once at write time: a token that stopped after
     depths[b] iterations has no keys/values for the later iterations, yet later tokens that iterate longer attend to
     it there. Copy its last computed entry forward, so iteration i > depth reads the latest one.
-    loop_kv: (iters, n_loop, 2, B, H, T, hd); depths: (B,) in 1..iters; pos: the token's position."""
-    iters = loop_kv.shape[0]
-    src = torch.minimum(torch.arange(iters, device=depths.device)[:, None], depths[None, :] - 1)  # (iters, B)
-    at_pos = loop_kv[:, :, :, :, :, pos]                                                       # (iters, L, 2, B, H, hd)
-    index = src[:, None, None, :, None, None].expand_as(at_pos)
-    loop_kv[:, :, :, :, :, pos] = at_pos.gather(0, index)
+    loop_kv: (r, n_loop, 2, B, H, T, hd); depths: (B,) in 1..r; pos: the token's position."""
+    r = loop_kv.shape[0]
+    src = torch.minimum(torch.arange(r, device=depths.device)[:, None], depths[None, :] - 1)  # (r, B)
+    at_pos = loop_kv[:, :, :, :, :, pos]                                                    # (r, L, 2, B, H, hd)
+    loop_kv[:, :, :, :, :, pos] = at_pos.gather(0, src[:, None, None, :, None, None].expand_as(at_pos))
 
 
 def kl_converged(logp_prev, logp, eps):
     """Huginn's zero-shot exit test (§5): KL(p_i || p_{i-1}) < eps. In fp32 the KL of two nearly equal distributions
     comes out around -1e-7, so clamp at 0: otherwise eps = 0 would let converged tokens exit."""
-    kl = (logp.exp() * (logp - logp_prev)).sum(-1).clamp_min(0)
-    return kl < eps
+    return (logp.exp() * (logp - logp_prev)).sum(-1).clamp_min(0) < eps
 
 
 def entropy_converged(logp_prev, logp, eps):
@@ -109,7 +107,7 @@ def act_halted(remaining, eps):
 
 def halting_distribution(lam):
     """ACT (Graves 2016): the probability of halting exactly at iteration i, lambda_i * prod_{j<i} (1 - lambda_j),
-    with what is left at the last iteration added to it so the distribution sums to 1. lam: (R, ...) -> (R, ...)."""
+    with what is left at the last iteration added to it so the distribution sums to 1. lam: (r, ...) -> (r, ...)."""
     running = torch.cumprod(1 - lam, dim=0)
     before = torch.cat([torch.ones_like(running[:1]), running[:-1]])
     return torch.cat([lam[:-1] * before[:-1], before[-1:]])
@@ -122,7 +120,7 @@ EXIT_RULES = {'kl': (kl_converged, 1), 'entropy': (entropy_converged, 1), 'argma
 
 
 def sample_token(logits, temperature=1.0, top_k=None, generator=None):
-    """Next token from the last position's logits (B, V); temperature 0 is greedy."""
+    """Next token from the last position's logits (B, V); temperature 0 is greedy, top_k None keeps every token."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -141,8 +139,7 @@ def rotate(x, cos, sin):
 
 def rotary_table(n_positions, head_dim, base=10000.0):
     """cos and sin (n_positions, head_dim / 2) of RoPE's angles: position p, frequency base^(-2j / head_dim)."""
-    freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.arange(n_positions).float()[:, None] * freqs[None, :]
+    angles = torch.arange(n_positions).float()[:, None] * base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
     return angles.cos(), angles.sin()
 
 
@@ -153,7 +150,6 @@ def attention_mask(T, pos, window, device):
     q = torch.arange(pos, pos + T, device=device)[:, None]
     k = torch.arange(pos + T, device=device)[None, :]
     return (k <= q) & ((k > q - window) if window else True)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks: GPT-2's pre-norm block, or Huginn's sandwich block
@@ -166,12 +162,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.dropout = config.n_head, config.dropout
-        if config.pos == 'rope':  # derived from the config, so not saved in checkpoints
+        self.n_head, self.dropout, self.window = config.n_head, config.dropout, config.window
+        self.rope = config.pos == 'rope'
+        if self.rope:  # derived from the config, so not saved in checkpoints
             cos, sin = rotary_table(config.block_size, config.n_embd // config.n_head)
             self.register_buffer('cos', cos, persistent=False)
             self.register_buffer('sin', sin, persistent=False)
-        self.rope, self.window = config.pos == 'rope', config.window
 
     def forward(self, x, kv=None, pos=0):
         B, T, C = x.size()
@@ -187,8 +183,7 @@ class CausalSelfAttention(nn.Module):
         # flash attention on CUDA when there is no explicit mask (§3 trap: a mask or fp32 falls back to slower kernels)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=mask is None and T > 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -211,13 +206,11 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        norm = lambda: nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
         sandwich = config.norm == 'sandwich'
-        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias) if sandwich else nn.Identity()
-        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias) if sandwich else nn.Identity()
+        self.ln_attn = norm() if sandwich else nn.Identity()
+        self.ln_mlp = norm() if sandwich else nn.Identity()
 
     def forward(self, x, kv=None, pos=0):
         x = self.ln_attn(x + self.attn(self.ln_1(x), kv, pos))
@@ -228,20 +221,19 @@ class KVCache:
     """Preallocated keys/values for decoding (gpt-fast style): one entry per prelude layer, per coda layer, and per
     (iteration, loop layer) pair, because every iteration of the loop has its own keys and values (§5)."""
 
-    def __init__(self, config, batch_size, iters, device, dtype):
+    def __init__(self, config, batch_size, r, device, dtype):
         shape = (2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.prelude = torch.zeros(config.n_prelude, *shape, device=device, dtype=dtype)
-        self.loop = torch.zeros(iters, config.n_loop, *shape, device=device, dtype=dtype)
+        self.loop = torch.zeros(r, config.n_loop, *shape, device=device, dtype=dtype)
         self.coda = torch.zeros(config.n_coda, *shape, device=device, dtype=dtype)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
 
-INJECT = ('concat', 'add', 'none')
+INJECT = ('add', 'concat', 'none')
 INIT_STATE = ('noise', 'embed', 'zeros')
-NORM = ('pre', 'sandwich')
-POS = ('learned', 'rope', 'none')
+NORM = ('sandwich', 'pre')
+POS = ('rope', 'learned', 'none')
 
 
 @dataclass
@@ -250,10 +242,10 @@ class GPTConfig:
     vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64
     n_embd: int = 384            # width of the residual stream and of the latent state
     n_head: int = 6              # attention heads; must divide n_embd
-    n_prelude: int = 1           # encoder layers, run once (>= 0)
+    n_prelude: int = 1           # prelude layers, run once (>= 0)
     n_loop: int = 2              # layers of the loop block, run r times with shared weights (>= 1)
-    n_coda: int = 1              # decoder layers, run once on the final state (>= 0)
-    mean_depth: int = 4          # mean loop iterations r: eval default; training draws r around it (E[r] = mean + 1)
+    n_coda: int = 1              # coda layers, run once on the final state (>= 0)
+    mean_depth: int = 4          # the r eval runs; training draws r with E[r] = mean_depth + 1 (Huginn's convention)
     max_depth: int = 16          # cap on the drawn r and on adaptive decoding
     backprop_depth: int = 4      # k: backprop through the last k iterations only (§3)
     inject: str = 'add'          # how e re-enters each iteration: 'add' (s + e) | 'concat' (Huginn adapter) | 'none' (ETD)
@@ -269,22 +261,20 @@ class GPTConfig:
     router_cost: float = 0.01    # its training objective's price of one more iteration, in nats per token
 
     def __post_init__(self):
-        positive = 'an integer >= 1'
-        for name in ('block_size', 'vocab_size', 'n_embd', 'n_head', 'n_loop', 'mean_depth', 'backprop_depth'):
-            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, positive)
-        for name in ('n_prelude', 'n_coda'):
-            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, 'an integer >= 0')
-        _check(self, 'max_depth', _is_int(self.max_depth) and self.max_depth >= self.mean_depth,
-               f'an integer >= mean_depth ({self.mean_depth})')
-        _check(self, 'n_embd', self.n_embd % self.n_head == 0, f'a multiple of n_head ({self.n_head})')
-        _check(self, 'inject', self.inject in INJECT, f'one of {INJECT}')
-        _check(self, 'init_state', self.init_state in INIT_STATE, f'one of {INIT_STATE}')
-        _check(self, 'norm', self.norm in NORM, f'one of {NORM}')
-        _check(self, 'pos', self.pos in POS, f'one of {POS}')
-        _check(self, 'window', _is_int(self.window) and self.window >= 0, 'an integer >= 0 (0 = no window)')
-        _check(self, 'state_std', isinstance(self.state_std, (int, float)) and self.state_std > 0, 'a number > 0')
-        _check(self, 'dropout', isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, 'a number in [0, 1)')
-        _check(self, 'router_cost', isinstance(self.router_cost, (int, float)) and self.router_cost >= 0, 'a number >= 0')
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        rules = [(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, 'an integer >= 1')
+                 for name in ('block_size', 'vocab_size', 'n_embd', 'n_head', 'n_loop', 'mean_depth', 'backprop_depth')]
+        rules += [(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, 'an integer >= 0')
+                  for name in ('n_prelude', 'n_coda', 'window')]
+        rules += [(name, getattr(self, name) in allowed, f'one of {allowed}')
+                  for name, allowed in (('inject', INJECT), ('init_state', INIT_STATE), ('norm', NORM), ('pos', POS))]
+        _check_all(self, rules + [
+            ('max_depth', _is_int(self.max_depth) and self.max_depth >= self.mean_depth,
+             f'an integer >= mean_depth ({self.mean_depth})'),
+            ('n_embd', self.n_head and self.n_embd % self.n_head == 0, f'a multiple of n_head ({self.n_head})'),
+            ('state_std', number(self.state_std) and self.state_std > 0, 'a number > 0'),
+            ('dropout', number(self.dropout) and 0 <= self.dropout < 1, 'a number in [0, 1)'),
+            ('router_cost', number(self.router_cost) and self.router_cost >= 0, 'a number >= 0')], 'GPTConfig.')
 
     @property
     def n_layer(self):
@@ -295,16 +285,18 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check(config, name, ok, allowed):
-    if not ok:
-        raise ValueError(f"GPTConfig.{name}={getattr(config, name)!r} is not allowed: expected {allowed}")
+def _check_all(obj, rules, prefix=''):
+    """rules: (name, ok, allowed). The first broken one is a ValueError of one line naming it and its value."""
+    for name, ok, allowed in rules:
+        if not ok:
+            value = getattr(obj, name) if hasattr(obj, name) else obj[name]
+            raise ValueError(f"{prefix}{name}={value!r} is not allowed: expected {allowed}")
 
 
 def plain_config(n_layer, **kwargs):
     """An ordinary n_layer GPT in nanoloop's terms (§1): one pass of the loop, no injection, s_0 = e."""
-    return GPTConfig(n_prelude=0, n_loop=n_layer, n_coda=0, mean_depth=1, max_depth=1, backprop_depth=1,
-                     inject='none', init_state='embed', norm_state=False, **kwargs)
-
+    return GPTConfig(**{**dict(n_prelude=0, n_loop=n_layer, n_coda=0, mean_depth=1, max_depth=1, backprop_depth=1,
+                               inject='none', init_state='embed', norm_state=False), **kwargs})
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
@@ -315,13 +307,12 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        blocks = lambda n: nn.ModuleList([Block(config) for _ in range(n)])
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == 'learned' else None,
             drop=nn.Dropout(config.dropout),
-            prelude=nn.ModuleList([Block(config) for _ in range(config.n_prelude)]),
-            loop=nn.ModuleList([Block(config) for _ in range(config.n_loop)]),
-            coda=nn.ModuleList([Block(config) for _ in range(config.n_coda)]),
+            prelude=blocks(config.n_prelude), loop=blocks(config.n_loop), coda=blocks(config.n_coda),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         # Huginn's adapter W: [s; e] (2d) -> d, no bias (§2); the other injections add no parameter
@@ -338,23 +329,20 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; it does not depend on r. Position embeddings are left out by default, as in nanoGPT."""
-        n_params = sum(p.numel() for p in self.parameters())
-        wpe = self.transformer.wpe
+        """Parameter count; it does not depend on r. Learned positions are left out by default, as in nanoGPT."""
+        n_params, wpe = sum(p.numel() for p in self.parameters()), self.transformer.wpe
         return n_params - wpe.weight.numel() if non_embedding and wpe is not None else n_params
 
-    # -- the three stages (ETD's names), each a unit that compile_loop() can compile on its own --------------------------
+    # -- the three stages, each a unit that compile_loop() can compile on its own ------------------------------------
 
     def prelude(self, idx, cache=None, pos=0):
-        """Prelude: tokens (B, T) at positions pos.. -> e (B, T, C)."""
+        """Tokens (B, T) at positions pos.. -> e (B, T, C)."""
         x = self.transformer.wte(idx)
         if self.transformer.wpe is not None:  # learned positions; RoPE turns q and k inside attention instead
             x = x + self.transformer.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
@@ -381,7 +369,7 @@ class GPT(nn.Module):
             s = block(s, None if cache is None else cache.coda[j], pos)
         return self.lm_head(self.transformer.ln_f(s))
 
-    # -- training / evaluation ------------------------------------------------------------------------------------------
+    # -- training / evaluation ------------------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, num_steps=None, depths=None, generator=None):
         """(logits (B, T, V), loss or None). Depth: `num_steps` fixes r; else training draws r (§3) and eval uses
@@ -397,8 +385,7 @@ class GPT(nn.Module):
             if train_router:
                 states.append(s.detach())
             return s
-        s = truncated_loop(step, s, r, self.config.backprop_depth)
-        logits = self.coda(s)
+        logits = self.coda(truncated_loop(step, s, r, self.config.backprop_depth))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         if train_router:
             loss = loss + self.router_loss(states, targets)
@@ -414,45 +401,43 @@ class GPT(nn.Module):
         the states detached, so only the router learns and the language model's training is untouched."""
         with torch.no_grad():
             ce = torch.stack([F.cross_entropy(self.coda(s).flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                              reduction='none').view_as(targets) for s in states])     # (R, B, T)
-        halt = halting_distribution(torch.stack([self.halt_prob(s) for s in states]))          # (R, B, T)
+                                              reduction='none').view_as(targets) for s in states])     # (r, B, T)
+        halt = halting_distribution(torch.stack([self.halt_prob(s) for s in states]))          # (r, B, T)
         cost = torch.arange(1, len(states) + 1, device=ce.device).view(-1, 1, 1) * self.config.router_cost
         return (halt * (ce + cost)).sum(0).mean()
 
     def _depth(self, idx, num_steps, depths):
-        """Resolve the number of loop iterations to run, checking the caller's arguments."""
+        """The number of loop iterations to run, after checking the caller's arguments."""
         cfg = self.config
         if idx.dim() != 2 or idx.size(1) > cfg.block_size:
             raise ValueError(f"idx must be (B, T) with T <= block_size ({cfg.block_size}), got shape {tuple(idx.shape)}")
-        if depths is not None:
-            if num_steps is not None:
-                raise ValueError("give num_steps or depths, not both")
-            if depths.shape != idx.shape or depths.dtype != torch.long:
-                raise ValueError(f"depths must be a LongTensor of idx's shape {tuple(idx.shape)}, "
-                                 f"got {depths.dtype} {tuple(depths.shape)}")
-            if depths.numel() and (depths.min() < 1 or depths.max() > cfg.max_depth):
-                raise ValueError(f"depths must lie in 1..max_depth ({cfg.max_depth}), "
-                                 f"got {depths.min().item()}..{depths.max().item()}")
-            return int(depths.max()) if depths.numel() else 1
-        if num_steps is None:
-            return sample_depth(cfg.mean_depth, cfg.max_depth) if self.training else cfg.mean_depth
-        if not _is_int(num_steps) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r} is not allowed: expected an integer >= 1")
-        return num_steps
+        if depths is None:
+            if num_steps is None:
+                return sample_depth(cfg.mean_depth, cfg.max_depth) if self.training else cfg.mean_depth
+            _check_all({'num_steps': num_steps}, [('num_steps', _is_int(num_steps) and num_steps >= 1,
+                                                    'an integer >= 1')])
+            return num_steps
+        if num_steps is not None:
+            raise ValueError("give num_steps or depths, not both")
+        if depths.shape != idx.shape or depths.dtype != torch.long:
+            raise ValueError(f"depths must be a LongTensor of idx's shape {tuple(idx.shape)}, "
+                             f"got {depths.dtype} {tuple(depths.shape)}")
+        if depths.numel() and (depths.min() < 1 or depths.max() > cfg.max_depth):
+            raise ValueError(f"depths must lie in 1..max_depth ({cfg.max_depth}), "
+                             f"got {depths.min().item()}..{depths.max().item()}")
+        return int(depths.max()) if depths.numel() else 1
 
     @torch.no_grad()
     def adaptive_forward(self, idx, targets=None, exit_threshold=5e-4, num_steps=None, exit_rule='kl'):
         """Per-token early exit in teacher forcing, in one batched pass: every iteration the coda reads every position,
         a position whose exit rule holds is frozen (§5), and the final logits are exactly forward(idx, depths=depths).
-        -> (logits, loss, depths (B, T)).
-        It approximates decoding: here a position's exit test reads earlier positions' *current* coda states, while a
-        decoder reads their final ones, so the chosen depths (not the logits given them) may differ from generate's."""
-        R = self._depth(idx, num_steps or self.config.max_depth, None)
+        -> (logits, loss, depths (B, T)). It approximates decoding: a position's exit test reads earlier positions'
+        *current* states, a decoder their final ones, so the chosen depths may differ from generate's."""
+        r = self._depth(idx, num_steps or self.config.max_depth, None)
         e = self.prelude(idx)
         s = init_state(e, self.config.init_state, self.config.state_std)
-        exit_test = ExitTest(self, exit_rule, exit_threshold, idx.shape, R)
-        held = [None] * self.config.n_loop
-        for i in range(R):
+        exit_test, held = ExitTest(self, exit_rule, exit_threshold, idx.shape, r), [None] * self.config.n_loop
+        for i in range(r):
             s = self.loop_step(s, e, exit_test.active, held)
             if exit_test.update(s, i):
                 break
@@ -460,7 +445,7 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss, exit_test.depths
 
-    # -- decoding --------------------------------------------------------------------------------------------------------
+    # -- decoding -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def forward_cached(self, idx, cache, pos, num_steps, exit_test=None, s0=None):
@@ -482,53 +467,58 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
                  exit_rule='kl', generator=None, warm_start=False, return_logits=False):
         """KV-cached sampling -> (tokens (B, P + max_new_tokens), depths (B, max_new_tokens)[, logits]).
-        depths[:, j] is the number of iterations run at the position that predicted new token j (the last prompt
-        position for j = 0). The prompt runs at the full depth R = num_steps (default mean_depth) and does not exit
-        early (as Huginn); with exit_threshold every new position stops once its exit rule holds, else at R.
-        warm_start (continuous thought, §5): a position's first state is the previous position's final state.
-        A prompt longer than block_size is cropped from the left; when the window fills up, decoding restarts from
-        the last block_size // 2 tokens (learned positions cannot slide under a cache)."""
-        check_generate_args(idx, self.config.vocab_size, max_new_tokens, temperature, top_k, exit_threshold)
-        R = self._depth(idx[:, -self.config.block_size:], self.config.mean_depth if num_steps is None else num_steps,
-                        None)
-        tokens = idx[:, -self.config.block_size:]
-        cache = self.new_cache(idx, R)
-        pos, s_prev = self.prefill(tokens, cache, R)
+        depths[:, j] is the number of iterations run at the position that predicted new token j. The prompt runs at
+        the full depth r = num_steps (default mean_depth) and does not exit early (as Huginn); with exit_threshold
+        every new position stops once its exit rule holds, else at r. warm_start (continuous thought, §5): a
+        position's first state is the previous position's final state. A prompt longer than block_size is cropped
+        from the left; when the window fills up, decoding restarts from the last block_size // 2 tokens."""
+        self._check_generate(idx, max_new_tokens, temperature, top_k, exit_threshold)
+        block = self.config.block_size
+        r = self._depth(idx[:, -block:], self.config.mean_depth if num_steps is None else num_steps, None)
+        tokens, cache = idx[:, -block:], self.new_cache(idx, r)
+        pos, s_prev = self.prefill(tokens, cache, r)
         all_depths, all_logits = [], []
         for _ in range(max_new_tokens):
-            if pos == self.config.block_size:  # window full: re-encode the last half block
-                pos, s_prev = self.prefill(tokens[:, -(self.config.block_size // 2):], cache, R)
-            exit_test = None if exit_threshold is None else ExitTest(self, exit_rule, exit_threshold, (idx.size(0), 1), R)
-            logits, s = self.forward_cached(tokens[:, -1:], cache, pos, R, exit_test, s_prev if warm_start else None)
-            all_depths.append(torch.full_like(tokens[:, -1], R) if exit_test is None else exit_test.depths[:, -1])
+            if pos == block:  # window full: re-encode the last half block
+                pos, s_prev = self.prefill(tokens[:, -(block // 2):], cache, r)
+            exit_test = None if exit_threshold is None else ExitTest(self, exit_rule, exit_threshold, (idx.size(0), 1), r)
+            logits, s = self.forward_cached(tokens[:, -1:], cache, pos, r, exit_test, s_prev if warm_start else None)
+            all_depths.append(torch.full_like(tokens[:, -1], r) if exit_test is None else exit_test.depths[:, -1])
             all_logits.append(logits[:, -1])
             idx = torch.cat([idx, sample_token(logits[:, -1], temperature, top_k, generator)], dim=1)
-            tokens, pos, s_prev = idx[:, -self.config.block_size:], pos + 1, s
+            tokens, pos, s_prev = idx[:, -block:], pos + 1, s
         depths = torch.stack(all_depths, 1) if all_depths else idx.new_zeros(idx.size(0), 0)
         return (idx, depths, torch.stack(all_logits, 1)) if return_logits else (idx, depths)
 
-    def new_cache(self, idx, R):
-        """A KV cache for idx's batch and R loop iterations, in the autocast dtype when autocast is on."""
+    def _check_generate(self, idx, max_new_tokens, temperature, top_k, exit_threshold):
+        """generate's contract, checked up front like forward's: one ValueError naming the bad value."""
+        if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()):
+            raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got {getattr(idx, 'shape', idx)!r}")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}, "
+                             f"got {idx.min().item()}..{idx.max().item()}")
+        args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, exit_threshold=exit_threshold)
+        _check_all(args, [
+            ('max_new_tokens', _is_int(max_new_tokens) and max_new_tokens >= 0, 'an integer >= 0'),
+            ('temperature', isinstance(temperature, (int, float)) and temperature >= 0, 'a number >= 0'),
+            ('top_k', top_k is None or (_is_int(top_k) and top_k >= 1), 'None (all) or an integer >= 1'),
+            ('exit_threshold', exit_threshold is None or exit_threshold >= 0, 'None (off) or a number >= 0')])
+
+    def new_cache(self, idx, r):
+        """A KV cache for idx's batch and r loop iterations, in the autocast dtype when autocast is on."""
         autocast = torch.is_autocast_enabled(idx.device.type)
         dtype = torch.get_autocast_dtype(idx.device.type) if autocast else self.lm_head.weight.dtype
-        return KVCache(self.config, idx.size(0), R, idx.device, dtype)
+        return KVCache(self.config, idx.size(0), r, idx.device, dtype)
 
-    def prefill(self, tokens, cache, R):
+    def prefill(self, tokens, cache, r):
         """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token.
         -> (position of the last token, final state of the one before it or None)."""
         if tokens.size(1) == 1:
             return 0, None
-        _, s = self.forward_cached(tokens[:, :-1], cache, 0, R)
+        _, s = self.forward_cached(tokens[:, :-1], cache, 0, r)
         return tokens.size(1) - 1, s[:, -1:]
 
-    @classmethod
-    def from_pretrained(cls, source, split='auto', **overrides):
-        """ETD (§4): a pretrained plain GPT ('gpt2'..'gpt2-xl', a transformers GPT2LMHeadModel directory, or a plain
-        nanoloop checkpoint) split into encoder / thinking / decoder, every parameter kept. See etd.py."""
-        from etd import convert_pretrained  # local import: etd.py builds on this file
-        return convert_pretrained(source, split, **overrides)
-
-    # -- training utilities -----------------------------------------------------------------------------------------------
+    # -- training utilities ---------------------------------------------------------------------------------------
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
@@ -543,19 +533,17 @@ class GPT(nn.Module):
         forward's matmul FLOPs) only prelude + the last k loops + coda. backprop_depth=0 counts inference only.
         A matmul costs 2 FLOPs per weight; attention 4 * T * C per layer (QK^T and AV), as nanoGPT counts it."""
         cfg = self.config
-        k = cfg.backprop_depth if backprop_depth is None else backprop_depth
+        k = min(num_steps, cfg.backprop_depth if backprop_depth is None else backprop_depth)
         layer = 2 * 12 * cfg.n_embd ** 2 + 4 * cfg.block_size * cfg.n_embd
         loop = cfg.n_loop * layer + (2 * 2 * cfg.n_embd ** 2 if cfg.inject == 'concat' else 0)
         ends = (cfg.n_prelude + cfg.n_coda) * layer + 2 * cfg.n_embd * cfg.vocab_size
-        k_grad = min(num_steps, k)
-        prelude_grad = k_grad > 0 and (cfg.inject != 'none' or num_steps <= k)  # §3 trap: no path back otherwise
-        backward = 2 * (ends - (0 if prelude_grad else cfg.n_prelude * layer) + k_grad * loop) if k_grad else 0
+        prelude_grad = k > 0 and (cfg.inject != 'none' or num_steps <= k)  # §3 trap: no path back otherwise
+        backward = 2 * (ends - (0 if prelude_grad else cfg.n_prelude * layer) + k * loop) if k else 0
         return ends + num_steps * loop + backward
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, num_steps, peak_flops=312e12):
         """Model FLOPs utilization: achieved FLOP/s over peak (A100 bf16 312 TFLOP/s by default, as nanoGPT)."""
-        flops = self.flops_per_token(num_steps) * self.config.block_size * fwdbwd_per_iter
-        return flops / dt / peak_flops
+        return self.flops_per_token(num_steps) * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
     def compile_loop(self, **kwargs):
         """torch.compile the three stages separately and keep the loop in Python (§3 trap): a compiled Python loop is
@@ -566,56 +554,13 @@ class GPT(nn.Module):
         return self
 
 
-def check_generate_args(idx, vocab_size, max_new_tokens, temperature, top_k, exit_threshold):
-    """generate's contract, checked up front like forward's: one ValueError naming the bad value."""
-    if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.size(0) * idx.size(1) > 0 and not idx.is_floating_point()):
-        raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got {getattr(idx, 'shape', idx)!r}")
-    if idx.min() < 0 or idx.max() >= vocab_size:
-        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {idx.min().item()}..{idx.max().item()}")
-    for name, value, ok, allowed in (
-            ('max_new_tokens', max_new_tokens, _is_int(max_new_tokens) and max_new_tokens >= 0, 'an integer >= 0'),
-            ('temperature', temperature, isinstance(temperature, (int, float)) and temperature >= 0, 'a number >= 0'),
-            ('top_k', top_k, top_k is None or (_is_int(top_k) and top_k >= 1), 'None (all) or an integer >= 1'),
-            ('exit_threshold', exit_threshold, exit_threshold is None or exit_threshold >= 0, 'None (off) or >= 0')):
-        if not ok:
-            raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
-
-
-def load_checkpoint(path, device='cpu'):
-    """(GPT in eval mode, the whole checkpoint dict) from train.py's ckpt.pt or the out_dir holding one. The one
-    loader every script uses: weights_only=True (a checkpoint cannot run code), and every bad file is one ValueError
-    naming it, what is wrong and what to do."""
-    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
-    try:
-        ckpt = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as err:  # truncated, random or foreign files raise many types; all mean "not a checkpoint"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        if 'weights only' in reason.lower():  # never pass on torch's advice to retry with weights_only=False
-            reason = 'it holds objects other than tensors and plain values, refused because loading them runs code'
-        raise ValueError(f"checkpoint {file} cannot be read ({reason}); it is damaged or not written by "
-                         f"train.py: use another checkpoint or train again") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(
-            ckpt.get('model_args'), dict):
-        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected a dict with 'model' and "
-                         f"'model_args', as train.py writes")
-    try:
-        model = GPT(GPTConfig(**ckpt['model_args']))
-        model.load_state_dict(ckpt['model'])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"checkpoint {file} does not fit this model.py ({str(err).splitlines()[0][:160]}); it "
-                         f"was written by another version of nanoloop") from None
-    return model.to(device).eval(), ckpt
-
-
 class ExitTest:
     """Adaptive exit bookkeeping for a batch of positions (§5): after iteration i, positions whose rule held for
-    `patience` iterations in a row stop; depths records how many iterations each one ran (R if it never stopped).
+    `patience` iterations in a row stop; depths records how many iterations each one ran (r if it never stopped).
     Distribution rules compare each iteration's next-token distribution with the previous one, the first time with
     the uniform distribution (Huginn); the router rule reads only the state."""
 
-    def __init__(self, model, rule, eps, shape, R):
+    def __init__(self, model, rule, eps, shape, r):
         if rule not in EXIT_RULES:
             raise ValueError(f"exit_rule={rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
         if rule == 'router' and model.router is None:
@@ -626,7 +571,7 @@ class ExitTest:
         self.converged, self.patience = EXIT_RULES[rule]
         self.active = torch.ones(shape, dtype=torch.bool, device=device)
         self.streak = torch.zeros(shape, dtype=torch.long, device=device)
-        self.depths = torch.full(shape, R, dtype=torch.long, device=device)
+        self.depths = torch.full(shape, r, dtype=torch.long, device=device)
         self.logp = torch.full((*shape, V), -math.log(V), device=device) if rule != 'router' else None
         self.remaining = torch.ones(shape, device=device)  # router: probability of not having halted yet
         self.logits = None  # the distribution rules' last coda output, reused as the final logits
@@ -645,3 +590,30 @@ class ExitTest:
         self.depths = torch.where(stop, i + 1, self.depths)
         self.active = self.active & ~stop
         return not self.active.any()
+
+
+def load_checkpoint(path, device='cpu'):
+    """(GPT in eval mode, the whole checkpoint dict) from train.py's ckpt.pt or the out_dir holding one. The one
+    loader every script uses: weights_only=True (a checkpoint cannot run code), and every bad file is one ValueError
+    naming it, what is wrong and what to do."""
+    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as err:  # truncated, random or foreign files raise many types; all mean "not a checkpoint"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        if 'weights only' in reason.lower():  # never pass on torch's advice to retry with weights_only=False
+            reason = 'it holds objects other than tensors and plain values, refused because loading them runs code'
+        raise ValueError(f"checkpoint {file} cannot be read ({reason}); it is damaged or not written by "
+                         f"train.py: use another checkpoint or train again") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('model_args'), dict)):
+        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected a dict with 'model' and "
+                         f"'model_args', as train.py writes")
+    try:
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {file} does not fit this model.py ({str(err).splitlines()[0][:160]}); it "
+                         f"was written by another version of nanoloop") from None
+    return model.to(device).eval(), ckpt

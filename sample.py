@@ -1,19 +1,15 @@
 """
-Sample from a trained nanoloop model and show how long it thought about every token (METHOD.md §5).
+Sample from a trained nanoloop model and show how many loop iterations every token got (METHOD.md §5).
 
-    python sample.py --out_dir=out                              # fixed depth: every token runs R = mean_depth loops
-    python sample.py --exit_threshold=5e-4                      # adaptive exit (Huginn's KL rule): depth per token
+    python sample.py --out_dir=out                              # fixed depth: every token runs r = mean_depth
+    python sample.py --exit_threshold=5e-4                      # adaptive exit (--exit_rule=kl|entropy|argmax-stable)
     python sample.py --exit_threshold=5e-4 --warm_start         # continuous thought: start from the last state
-    python sample.py --exit_rule=argmax-stable --exit_threshold=0  # other rules: kl | entropy | argmax-stable | router
     python sample.py --speculative --temperature=0              # self-speculative decoding (draft shallow, verify deep)
-    python sample.py --sweep --plot=sweep.png                   # val loss vs fixed depth r and vs EPS, with compute
+    python sample.py --sweep --plot=sweep.png                   # val loss vs fixed depth r and vs eps, with compute
     python sample.py --start=FILE:prompt.txt --color=never      # prompt from a file; text[depth] markup
 
-On a terminal each generated token is coloured by its number of loop iterations (a legend comes first); with
---color=never, or when stdout is not a terminal, every sample is ONE line of markup: the prompt tagged [prompt], then
-each token's text followed by [iterations]; backslash escapes \\ \\[ \\] and newlines (\\n, \\r) in the text, so
-parse_markup() recovers every token exactly. After each sample a summary line: iterations per token, the compute saved
-versus running every token at the fixed depth R, tokens/s.
+On a terminal each new token is coloured by its iterations; otherwise (or --color=never) a sample is ONE line of
+markup, 'prompt[prompt]' then 'text[iterations]' per token (parse_markup() reads it back). Then a summary line.
 """
 
 import codecs
@@ -29,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 import prepare
-from configurator import configure
+from configurator import DTYPES, check, check_device, configure, sync
 from model import EXIT_RULES, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -41,15 +37,15 @@ max_new_tokens = 300           # tokens generated per sample
 temperature = 0.8              # 0 = greedy; < 1 sharper, > 1 more random
 top_k = 200                    # keep the k most likely tokens (>= 1; the vocabulary size or more keeps all)
 seed = 1337
-num_steps = 0                  # R, loop iterations per token; 0 = mean_depth, or max_depth with adaptive exit
-exit_threshold = -1.0          # EPS: adaptive exit once the rule's distance < EPS (Huginn: kl 5e-4); < 0 = off
+num_steps = None               # r, loop iterations per token; None: mean_depth, or max_depth with adaptive exit
+exit_threshold = None          # adaptive exit once the rule's distance < this (Huginn: kl 5e-4); None = off
 exit_rule = 'kl'               # 'kl' | 'entropy' | 'argmax-stable' | 'router' (a model trained with a halting router)
 warm_start = False             # continuous thought: a token's first state is the previous token's last state (§5)
-speculative = False            # self-speculative decoding: draft with draft_steps loops, verify at depth R
-draft_steps = 1                # loop iterations of a drafted token (1..R)
+speculative = False            # self-speculative decoding: draft with draft_depth iterations, verify at depth r
+draft_depth = 1                # loop iterations of a drafted token (1..r)
 n_draft = 4                    # tokens drafted before each verify pass
 sweep = False                  # instead of sampling: val loss at fixed depths and under adaptive exit, as a table
-sweep_thresholds = '1e-1,1e-2,1e-3,5e-4,1e-4,0'  # the EPS values of the sweep, comma separated
+sweep_thresholds = '1e-1,1e-2,1e-3,5e-4,1e-4,0'  # the exit thresholds of the sweep, comma separated
 sweep_batches = 8              # fixed val batches of the sweep
 sweep_batch_size = 8           # sequences per sweep batch (each block_size tokens long)
 plot = ''                      # with --sweep: save a quality-vs-compute plot here (needs matplotlib)
@@ -59,96 +55,78 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda' | 'cud
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # | 'float16'
 compile = False                # torch.compile prelude / loop step / coda (model.compile_loop)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-COLORS = ('auto', 'always', 'never')
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and (v is None or isinstance(v, (int, float, bool, str)))}
+CHECKS = {  # key: (what is allowed, test): configurator.check names the first bad one
+    **dict.fromkeys(('num_samples', 'max_new_tokens', 'top_k', 'draft_depth', 'n_draft', 'sweep_batches',
+                     'sweep_batch_size'), ('an integer >= 1', lambda v: v >= 1)),
+    'num_steps': ('None (the model\'s depth) or an integer >= 1', lambda v: v is None or type(v) is int and v >= 1),
+    'exit_threshold': ('None (off) or a number >= 0', lambda v: v is None or type(v) in (int, float) and v >= 0),
+    'temperature': ('a number >= 0 (0 = greedy)', lambda v: v >= 0),
+    **{key: (f'one of {allowed}', lambda v, allowed=allowed: v in allowed) for key, allowed in
+       (('exit_rule', tuple(EXIT_RULES)), ('color', ('auto', 'always', 'never')))},
+}
+CONFLICTS = (('speculative', 'exit_threshold', 'every token is verified at the full depth r'),
+             ('speculative', 'warm_start', 'the verify pass runs a chunk at once'),
+             ('sweep', 'speculative', 'the sweep is teacher-forced, it decodes nothing'),
+             ('sweep', 'warm_start', 'the sweep is teacher-forced, it decodes nothing'))
 
-# -----------------------------------------------------------------------------
-# flags
+
+# -- checks: every impossible value or combination is one line, before any work ---------------------------------------
 def check_flags(cfg):
-    """Every impossible value or combination, in one line, before any work is done."""
-    for key, low in (('num_samples', 1), ('max_new_tokens', 1), ('num_steps', 0), ('top_k', 1), ('draft_steps', 1),
-                     ('n_draft', 1), ('sweep_batches', 1), ('sweep_batch_size', 1)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"{key}={getattr(cfg, key)} is not allowed: expected an integer >= {low}")
-    if cfg.temperature < 0:
-        raise ValueError(f"temperature={cfg.temperature} is not allowed: expected a number >= 0 (0 = greedy)")
-    for key, allowed in (('exit_rule', tuple(EXIT_RULES)), ('color', COLORS), ('dtype', tuple(DTYPES))):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key}={getattr(cfg, key)!r} is not allowed: expected one of {allowed}")
-    for a, b, why in (('speculative', 'exit_threshold', 'every token is verified at the full depth R'),
-                      ('speculative', 'warm_start', 'the verify pass runs a chunk at once'),
-                      ('sweep', 'speculative', 'the sweep is teacher-forced, it decodes nothing'),
-                      ('sweep', 'warm_start', 'the sweep is teacher-forced, it decodes nothing')):
-        if getattr(cfg, a) and (cfg.exit_threshold >= 0 if b == 'exit_threshold' else getattr(cfg, b)):
+    check(vars(cfg), CHECKS)
+    for a, b, why in CONFLICTS:
+        if getattr(cfg, a) and getattr(cfg, b) is not None and getattr(cfg, b) is not False:
             raise ValueError(f"--{a} with --{b}={getattr(cfg, b)} is not possible: {why}")
-    check_device(cfg.device)  # before the checkpoint: a bad device is never blamed on the file
+    check_device(cfg.device, cfg.dtype)  # before the checkpoint: a bad device is never blamed on the file
     if cfg.plot and not cfg.sweep:
         raise ValueError(f"plot={cfg.plot!r} needs --sweep (it plots the sweep)")
     if cfg.plot and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.plot))):
         raise ValueError(f"plot={cfg.plot!r}: its folder does not exist (create it first)")
     if cfg.plot and importlib.util.find_spec('matplotlib') is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
-    sweep_eps(cfg.sweep_thresholds)
+    parse_thresholds(cfg.sweep_thresholds)
 
 
-def sweep_eps(text):
-    """'1e-2,1e-3' -> [0.01, 0.001]; a value that is not a number >= 0 is named."""
+def parse_thresholds(text):
+    """'1e-2,1e-3' -> [0.01, 0.001]; anything but numbers >= 0 is named."""
     try:
         values = [float(v) for v in text.split(',') if v.strip()]
     except ValueError:
-        values = [-1.0]
+        values = []
     if not values or min(values) < 0:
         raise ValueError(f"sweep_thresholds={text!r} is not allowed: expected comma separated numbers >= 0")
     return values
 
 
-def check_model_flags(cfg, config):
-    """The checks that need the checkpoint's architecture; returns R, the depth every token is compared against."""
-    if cfg.exit_rule == 'router' and (cfg.exit_threshold >= 0 or cfg.sweep) and not config.router:
+def depth(cfg, config):
+    """r, the depth every token runs (at most, with adaptive exit), after the checks that need the model."""
+    if cfg.exit_rule == 'router' and (cfg.exit_threshold is not None or cfg.sweep) and not config.router:
         raise ValueError("exit_rule='router' needs a model trained with the halting router (router=True); this "
                          "checkpoint has none: use kl, entropy or argmax-stable")
-    R = cfg.num_steps or (config.max_depth if cfg.exit_threshold >= 0 else config.mean_depth)
-    if cfg.speculative and cfg.draft_steps > R:
-        raise ValueError(f"draft_steps={cfg.draft_steps} is not allowed: expected 1..R={R} (drafts are the cheap ones)")
-    return R
+    r = cfg.num_steps or (config.mean_depth if cfg.exit_threshold is None else config.max_depth)
+    if cfg.speculative and cfg.draft_depth > r:
+        raise ValueError(f"draft_depth={cfg.draft_depth} is not allowed: expected 1..r={r} (drafts are the cheap ones)")
+    return r
 
 
-def check_device(device):
-    """One line naming a device that is not usable here, and the ones that are (bench.py uses it too)."""
-    here = ['cpu', *(f'cuda:{i}' for i in range(torch.cuda.device_count()))]
-    here += ['mps'] * torch.backends.mps.is_available()
-    if device not in here + ['cuda'] * torch.cuda.is_available():
-        raise ValueError(f"device={device!r} is not available here: expected one of {', '.join(here)}")
-
-
-def sync(device):
-    """CUDA launches are asynchronous: wait for the GPU so the clock measures its work, not the launch."""
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-
-# -----------------------------------------------------------------------------
-# vocabulary and prompt (prepare.py's meta.json, encode and decode)
-def vocabulary(cfg, train_cfg, vocab_size):
-    """(encode: str -> ids, pieces: ids -> one string per token) in the vocabulary of the checkpoint's dataset."""
-    path = prepare.dataset_dir(train_cfg.get('dataset', 'shakespeare_char'), cfg.data_dir or train_cfg.get('data_dir'))
+# -- vocabulary and prompt (prepare.py's meta.json, encode and decode) ------------------------------------------------
+def vocabulary(path, vocab_size):
+    """The meta.json (prepare.py) of the checkpoint's dataset folder `path`, checked against its vocab_size."""
     meta = prepare.read_meta(path) or ({'tokenizer': 'gpt2'} if vocab_size >= 50257 else {})  # GPT-2 from etd.py
     if 'chars' in meta and meta['vocab_size'] != vocab_size:
         raise ValueError(f"{path} has {meta['vocab_size']} tokens but the checkpoint {vocab_size}: pass --data_dir=DIR "
                          f"holding the dataset it was trained on")
+    if 'chars' not in meta and meta.get('tokenizer') != 'gpt2':
+        raise ValueError(f"no vocabulary for this checkpoint: {path}/meta.json is missing (pass --data_dir=DIR "
+                         f"holding the dataset it was trained on, or prepare it with prepare.py)")
+    return meta
+
+
+def token_pieces(ids, meta):
+    """One string per token; GPT-2's byte-level BPE shows a split character with the token that completes it."""
     if 'chars' in meta:
-        return lambda s: prepare.encode(s, meta), lambda ids: [prepare.decode([i], meta) for i in ids]
-    if meta.get('tokenizer') == 'gpt2':
-        return lambda s: prepare.encode(s, meta), lambda ids: bpe_pieces(prepare.gpt2_encoding(), ids)
-    raise ValueError(f"no vocabulary for this checkpoint: {path}/meta.json is missing (pass --data_dir=DIR holding the "
-                     f"dataset it was trained on, or prepare it with prepare.py)")
-
-
-def bpe_pieces(enc, ids):
-    """One string per GPT-2 token. BPE is byte-level, so a token can end inside a multi-byte character: its bytes
-    wait in the incremental decoder and show up with the token that completes the character. Ids above GPT-2's
-    50257 (the vocabulary is padded to 50304) show as U+FFFD."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        return [meta['chars'][i] for i in ids]
+    enc, decoder = prepare.gpt2_encoding(), codecs.getincrementaldecoder('utf-8')(errors='replace')
     pieces = [decoder.decode(enc.decode_single_token_bytes(i) if i < enc.n_vocab else b'\xef\xbf\xbd') for i in ids]
     return pieces[:-1] + [pieces[-1] + decoder.decode(b'', final=True)] if pieces else pieces
 
@@ -163,22 +141,22 @@ def read_start(start):
         raise ValueError("start='' is not allowed: the prompt needs at least one token (the default is a newline)")
     return start
 
-# -----------------------------------------------------------------------------
-# showing the depth of every token: 256-colour shading, or text[depth] markup
+
+# -- showing the depth of every token: 256-colour shading, or text[depth] markup --------------------------------------
 RAMP = (27, 33, 39, 45, 51, 50, 49, 48, 47, 46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)  # blue -> red
 ESCAPES = {'\\': '\\\\', '[': '\\[', ']': '\\]', '\n': '\\n', '\r': '\\r'}
 UNESCAPES = {'\\': '\\', '[': '[', ']': ']', 'n': '\n', 'r': '\r'}
 MARKUP = re.compile(r'((?:[^\\\[\]]|\\[\\\[\]nr])*)\[(\d+|prompt)\]')  # escaped text, then [iterations] or [prompt]
 
 
-def colored(text, d, R):
-    """text in the 256-colour code for d iterations out of R: few = blue, many = red."""
-    return f"\033[38;5;{RAMP[round((min(d, R) - 1) * (len(RAMP) - 1) / max(R - 1, 1))]}m{text}\033[0m"
+def colored(text, d, r):
+    """text in the 256-colour code for d iterations out of r: few = blue, many = red."""
+    return f"\033[38;5;{RAMP[round((min(d, r) - 1) * (len(RAMP) - 1) / max(r - 1, 1))]}m{text}\033[0m"
 
 
 def markup(prompt, pieces, depths):
     """One line: 'prompt[prompt]' then 'text[iterations]' per generated token, text escaped (see parse_markup)."""
-    escape = lambda text: ''.join(ESCAPES.get(c, c) for c in text)
+    escape = lambda text: ''.join(ESCAPES.get(c, c) for c in text)  # noqa: E731
     return escape(prompt) + '[prompt]' + ''.join(f"{escape(t)}[{d}]" for t, d in zip(pieces, depths))
 
 
@@ -195,26 +173,23 @@ def parse_markup(s):
     return out
 
 
-def summary(i, n, depths, R, seconds, stats=None):
-    """Iterations per token and the compute saved against running every token at R (loop iterations only; negative
-    when more were spent, as self-speculative decoding does)."""
+def summary(i, n, depths, r, seconds, stats=None):
+    """Iterations per token and the loop compute saved against every token at r (negative if more was spent)."""
     d = depths.float()
-    spent = stats['loop_iters'] if stats else d.sum().item()  # speculative: drafts and rejected positions count too
-    saved = 100 * (1 - spent / (R * d.numel()))
+    spent = stats['iterations'] if stats else d.sum().item()  # speculative: drafts and rejected positions count too
     line = (f"--- sample {i + 1}/{n}: {d.numel()} tokens, iterations/token mean {d.mean().item():.2f} min "
-            f"{int(d.min())} max {int(d.max())}, compute saved vs fixed R={R}: {saved:.1f}%, "
-            f"{d.numel() / seconds:.1f} tok/s")
+            f"{int(d.min())} max {int(d.max())}, compute saved vs fixed r={r}: "
+            f"{100 * (1 - spent / (r * d.numel())):.1f}%, {d.numel() / seconds:.1f} tok/s")
     if stats:
         line += (f" | speculative: {stats['accepted']}/{stats['drafted']} drafts accepted "
                  f"({100 * stats['accepted'] / max(stats['drafted'], 1):.0f}%), {d.numel() / stats['passes']:.2f} "
-                 f"tokens/verify pass, {stats['loop_iters'] / d.numel():.2f} loop iterations/token (plain: {R})")
+                 f"tokens/verify pass, {stats['iterations'] / d.numel():.2f} loop iterations/token (plain: {r})")
     return line
 
-# -----------------------------------------------------------------------------
-# self-speculative decoding: the shallow model drafts, the deep model verifies (METHOD.md §5)
+
+# -- self-speculative decoding: the shallow model drafts, the deep model verifies (METHOD.md §5) -----------------------
 def token_probs(logits, temperature, top_k=None):
-    """The distribution model.sample_token draws from (top_k None = all): one-hot argmax at temperature 0, so that
-    torch.multinomial on it is the greedy choice too."""
+    """The distribution model.sample_token draws from (top_k None = all); one-hot argmax at temperature 0."""
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits.float() / temperature
@@ -224,25 +199,11 @@ def token_probs(logits, temperature, top_k=None):
     return F.softmax(logits, dim=-1)
 
 
-def draft_tokens(model, last, cache, pos, steps, n, temperature, top_k, generator):
-    """n tokens of the shallow model (`steps` loop iterations), one cached position at a time from pos.
-    They write only loop slots 0..steps-1 of their positions; the verify pass rewrites all of them.
-    -> (tokens (B, n), the distributions they were drawn from (B, n, V))."""
-    tokens, probs = [], []
-    for j in range(n):
-        logits, _ = model.forward_cached(last, cache, pos + j, steps)
-        probs.append(token_probs(logits[:, -1], temperature, top_k))
-        last = torch.multinomial(probs[-1], 1, generator=generator)
-        tokens.append(last)
-    return torch.cat(tokens, 1), torch.stack(probs, 1)
-
-
 def accept(p, q, drafts, generator=None):
     """Speculative sampling (Leviathan et al. 2023, Alg. 1): keep draft j with probability min(1, p_j(d)/q_j(d)),
-    replace the first rejected one by a draw from max(0, p - q), or add a draw from p if none was rejected; every kept
-    token is then distributed exactly as the verifier's p. Greedy: p and q are one-hot, so drafts are kept while they
-    equal the verifier's argmax, and its argmax follows. Rows advance together by the shortest kept prefix k.
-    p: (B, n+1, V) verifier, q: (B, n, V) drafter, drafts: (B, n) -> new tokens (B, k+1)."""
+    replace the first rejected one by a draw from max(0, p - q), or add a draw from p if none was rejected: every kept
+    token is distributed as the verifier's p (greedy: kept while equal to its argmax). Rows advance together by the
+    shortest kept prefix k. p: (B, n+1, V) verifier, q: (B, n, V) drafter, drafts: (B, n) -> new tokens (B, k+1)."""
     B, n = drafts.shape
     p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :n], q))
     u = torch.rand(B, n, generator=generator, device=p.device)
@@ -257,72 +218,71 @@ def accept(p, q, drafts, generator=None):
 
 
 @torch.no_grad()
-def generate_speculative(model, idx, max_new_tokens, num_steps, draft_steps=1, n_draft=4, temperature=0.0,
+def generate_speculative(model, idx, max_new_tokens, num_steps, draft_depth=1, n_draft=4, temperature=0.0,
                          top_k=None, generator=None):
-    """Self-speculative decoding -> (tokens (B, P + max_new_tokens), stats dict).
-    The same weights draft n_draft tokens with only draft_steps loop iterations each, then ONE forward of the chunk
-    [last token, drafts] at the full depth R = num_steps verifies them all; the agreeing prefix is kept plus one
-    token of the verifier's own (accept). Every kept token was computed at full depth, so at temperature 0 the text
-    equals model.generate(..., num_steps=R, temperature=0); rejected positions of the cache (indexed by position)
-    are simply overwritten later. The context window restarts from its last half when full, as model.generate does."""
-    cfg, R = model.config, num_steps
-    if not (1 <= draft_steps <= R and n_draft >= 1):
-        raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= num_steps ({R}) and n_draft ({n_draft}) >= 1")
-    cache, start = model.new_cache(idx, R), idx.size(1)
-    pos, _ = model.prefill(idx[:, -cfg.block_size:], cache, R)
-    stats = dict(drafted=0, accepted=0, passes=0, loop_iters=0)
+    """Self-speculative decoding -> (tokens (B, P + max_new_tokens), stats): n_draft tokens of draft_depth iterations,
+    then ONE pass of [last token, drafts] at depth r = num_steps keeps the agreeing prefix and one verifier token
+    (accept). Every kept token ran r iterations: greedy text equals model.generate(..., num_steps=r, temperature=0)."""
+    block, r = model.config.block_size, num_steps
+    if not (1 <= draft_depth <= r and n_draft >= 1):
+        raise ValueError(f"need 1 <= draft_depth ({draft_depth}) <= num_steps ({r}) and n_draft ({n_draft}) >= 1")
+    cache, start = model.new_cache(idx, r), idx.size(1)
+    pos, _ = model.prefill(idx[:, -block:], cache, r)
+    stats = dict(drafted=0, accepted=0, passes=0, iterations=0)
     while idx.size(1) - start < max_new_tokens:
-        if pos == cfg.block_size:  # window full: re-encode the last half block
-            pos, _ = model.prefill(idx[:, -(cfg.block_size // 2):], cache, R)
-        n = min(n_draft, max_new_tokens - (idx.size(1) - start) - 1, cfg.block_size - 1 - pos)  # chunk fits
-        drafts, q = (draft_tokens(model, idx[:, -1:], cache, pos, draft_steps, n, temperature, top_k, generator)
-                     if n else (idx[:, :0], None))
-        logits, _ = model.forward_cached(torch.cat([idx[:, -1:], drafts], 1), cache, pos, R)  # (B, n + 1, V)
+        if pos == block:  # window full: re-encode the last half block
+            pos, _ = model.prefill(idx[:, -(block // 2):], cache, r)
+        n = min(n_draft, max_new_tokens - (idx.size(1) - start) - 1, block - 1 - pos)  # the chunk fits the window
+        drafts, q = idx[:, -1:], []  # n drafts, one cached position at a time; the verify pass rewrites their cache
+        for j in range(n):
+            logits, _ = model.forward_cached(drafts[:, -1:], cache, pos + j, draft_depth)
+            q.append(token_probs(logits[:, -1], temperature, top_k))  # (B, V): what the draft was drawn from
+            drafts = torch.cat([drafts, torch.multinomial(q[-1], 1, generator=generator)], 1)
+        drafts, q = drafts[:, 1:], torch.stack(q, 1) if n else None
+        logits, _ = model.forward_cached(torch.cat([idx[:, -1:], drafts], 1), cache, pos, r)  # (B, n + 1, V)
         p = token_probs(logits, temperature, top_k)
         new = accept(p, q, drafts, generator) if n else torch.multinomial(p[:, 0], 1, generator=generator)
         idx, pos = torch.cat([idx, new], 1), pos + new.size(1)
         stats = dict(drafted=stats['drafted'] + n, accepted=stats['accepted'] + new.size(1) - 1,
-                     passes=stats['passes'] + 1, loop_iters=stats['loop_iters'] + n * draft_steps + (n + 1) * R)
+                     passes=stats['passes'] + 1, iterations=stats['iterations'] + n * draft_depth + (n + 1) * r)
     return idx, stats
 
-# -----------------------------------------------------------------------------
-# sampling
-def generate_sample(model, x, cfg, R, generator):
+
+# -- sampling ---------------------------------------------------------------------------------------------------------
+def generate_sample(model, x, cfg, r, generator):
     """The decoding the flags ask for -> (tokens (B, P + N), iterations per new token (B, N), speculative stats)."""
     if cfg.speculative:
-        out, stats = generate_speculative(model, x, cfg.max_new_tokens, R, cfg.draft_steps, cfg.n_draft,
+        out, stats = generate_speculative(model, x, cfg.max_new_tokens, r, cfg.draft_depth, cfg.n_draft,
                                           cfg.temperature, cfg.top_k, generator)
-        return out, torch.full((x.size(0), cfg.max_new_tokens), R), stats  # every kept token ran R iterations
-    out, depths = model.generate(x, cfg.max_new_tokens, num_steps=R, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 exit_threshold=cfg.exit_threshold if cfg.exit_threshold >= 0 else None,
-                                 exit_rule=cfg.exit_rule, generator=generator, warm_start=cfg.warm_start)
+        return out, torch.full((x.size(0), cfg.max_new_tokens), r), stats  # every kept token ran r iterations
+    out, depths = model.generate(x, cfg.max_new_tokens, num_steps=r, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 exit_threshold=cfg.exit_threshold, exit_rule=cfg.exit_rule, generator=generator,
+                                 warm_start=cfg.warm_start)
     return out, depths, None
 
 
-def run_samples(model, cfg, R, train_cfg, ctx):
-    encode, pieces = vocabulary(cfg, train_cfg, model.config.vocab_size)
-    prompt = read_start(cfg.start)
-    x = torch.tensor([encode(prompt)], dtype=torch.long, device=cfg.device)
+def run_samples(model, cfg, r, path, ctx):
+    meta, prompt = vocabulary(path, model.config.vocab_size), read_start(cfg.start)
+    x = torch.tensor([prepare.encode(prompt, meta)], dtype=torch.long, device=cfg.device)
     use_color = cfg.color == 'always' or (cfg.color == 'auto' and sys.stdout.isatty())
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     if use_color:
-        print('iterations per token: ' + ' '.join(colored(d, d, R) for d in range(1, R + 1)) + '  (prompt: plain)')
+        print('iterations per token: ' + ' '.join(colored(d, d, r) for d in range(1, r + 1)) + '  (prompt: plain)')
     for i in range(cfg.num_samples):
         sync(cfg.device)
         t0 = time.perf_counter()
         with ctx:
-            out, depths, stats = generate_sample(model, x, cfg, R, generator)
+            out, depths, stats = generate_sample(model, x, cfg, r, generator)
         sync(cfg.device)
-        text, d = pieces(out[0, x.size(1):].tolist()), depths[0].tolist()
-        print(prompt + ''.join(colored(t, k, R) for t, k in zip(text, d)) if use_color else markup(prompt, text, d))
-        print(summary(i, cfg.num_samples, depths[0], R, time.perf_counter() - t0, stats))
+        text, d = token_pieces(out[0, x.size(1):].tolist(), meta), depths[0].tolist()
+        print(prompt + ''.join(colored(t, k, r) for t, k in zip(text, d)) if use_color else markup(prompt, text, d))
+        print(summary(i, cfg.num_samples, depths[0], r, time.perf_counter() - t0, stats))
 
-# -----------------------------------------------------------------------------
-# the sweep: quality vs compute, teacher-forced (METHOD.md §5 "Fixed depth" and "Adaptive exit per token")
+
+# -- the sweep: quality vs compute, teacher-forced (METHOD.md §5); train.py evaluates with it too ----------------------
 def sweep_depths(max_depth):
     """1, 2, 4, ... up to max_depth (and max_depth itself), then 2 * max_depth: extrapolation beyond training."""
-    powers = [2 ** i for i in range(max_depth.bit_length()) if 2 ** i <= max_depth]
-    return sorted(set(powers + [max_depth, 2 * max_depth]))
+    return sorted({2 ** i for i in range(max_depth.bit_length())} | {max_depth, 2 * max_depth})
 
 
 def val_loss(logits, targets):
@@ -331,33 +291,33 @@ def val_loss(logits, targets):
 
 
 @torch.no_grad()
-def depth_sweep(model, batches, depths, thresholds, rule='kl', metric=val_loss, seed=0):
-    """One row per setting: every fixed depth r, then adaptive exit (model.adaptive_forward, R = max_depth) at every
-    EPS. Row: setting, rule, r, eps, mean_iters (loop iterations per token), value (metric averaged over batches).
-    metric(logits, targets) -> float is the hook for a task score (e.g. accuracy) instead of val loss."""
-    rows, R = [], model.config.max_depth
-    for r, eps in [(r, None) for r in depths] + [(R, eps) for eps in thresholds]:
-        torch.manual_seed(seed)  # the same noise initial states for every setting
+def depth_sweep(model, batches, depths, thresholds=(), exit_rule='kl', metric=val_loss, seed=0):
+    """A row per fixed depth r, then per adaptive-exit threshold eps (model.adaptive_forward, at most max_depth), the
+    same noise initial state (seed) for each: setting, rule, r, eps, mean_iterations (loop iterations per token) and
+    value, metric(logits, targets) averaged over the batches (val loss, or e.g. a task's accuracy)."""
+    rows = []
+    for r, eps in [(r, None) for r in depths] + [(model.config.max_depth, eps) for eps in thresholds]:
+        torch.manual_seed(seed)
         outs = [(model(x, num_steps=r)[0], torch.full_like(x, r)) if eps is None else
-                model.adaptive_forward(x, exit_threshold=eps, exit_rule=rule)[::2] for x, _ in batches]
+                model.adaptive_forward(x, exit_threshold=eps, exit_rule=exit_rule)[::2] for x, _ in batches]
         values = [metric(logits, y) for (logits, _), (_, y) in zip(outs, batches)]
-        rows.append(dict(setting=f"r={r}" if eps is None else f"{rule} eps={eps:g}", rule='fixed' if eps is None
-                         else rule, r=r, eps=eps, mean_iters=sum(d.float().mean().item() for _, d in outs) / len(outs),
-                         value=sum(values) / len(values)))
+        rows.append(dict(setting=f"r={r}" if eps is None else f"{exit_rule} eps={eps:g}", r=r, eps=eps,
+                         rule='fixed' if eps is None else exit_rule, value=sum(values) / len(values),
+                         mean_iterations=sum(d.float().mean().item() for _, d in outs) / len(outs)))
     return rows
 
 
 def save_plot(rows, path, metric_name, title):
-    """Quality vs compute: fixed depths as one curve, adaptive exit (one point per EPS) as another."""
+    """Quality vs compute: fixed depths as one curve, adaptive exit (one point per eps) as another."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for fixed, style, label in ((True, 'o-', 'fixed depth r'), (False, 's--', f"adaptive exit ({rows[-1]['rule']})")):
-        part = [r for r in rows if (r['rule'] == 'fixed') == fixed]
-        ax.plot([r['mean_iters'] for r in part], [r['value'] for r in part], style, label=label)
-        for r in part:
-            ax.annotate(r['setting'].split(' ')[-1], (r['mean_iters'], r['value']), fontsize=7)
+        part = [row for row in rows if (row['rule'] == 'fixed') == fixed]
+        ax.plot([row['mean_iterations'] for row in part], [row['value'] for row in part], style, label=label)
+        for row in part:
+            ax.annotate(row['setting'].split(' ')[-1], (row['mean_iterations'], row['value']), fontsize=7)
     ax.set_xscale('log', base=2)
     ax.set(xlabel='loop iterations per token (compute)', ylabel=metric_name, title=title)
     ax.legend()
@@ -365,29 +325,24 @@ def save_plot(rows, path, metric_name, title):
     plt.close(fig)
 
 
-def run_sweep(model, cfg, train_cfg, ctx):
-    config, dataset = model.config, train_cfg.get('dataset', 'shakespeare_char')
-    path = prepare.dataset_dir(dataset, cfg.data_dir or train_cfg.get('data_dir'))
-    if not os.path.exists(os.path.join(path, 'val.bin')):
-        raise ValueError(f"--sweep needs {path}/val.bin: prepare the dataset (python prepare.py ...) or pass "
-                         f"--data_dir=DIR")
-    generator = torch.Generator().manual_seed(cfg.seed)  # fixed windows, the same for every setting of the sweep
+def run_sweep(model, cfg, path, ctx):
+    config, generator = model.config, torch.Generator().manual_seed(cfg.seed)  # the same windows for every setting
     batches = [prepare.get_batch(path, 'val', cfg.sweep_batch_size, config.block_size, generator, cfg.device)
-               for _ in range(cfg.sweep_batches)]
+               for _ in range(cfg.sweep_batches)]  # no val.bin: prepare.get_batch says how to make it
     with ctx:
-        rows = depth_sweep(model, batches, sweep_depths(config.max_depth), sweep_eps(cfg.sweep_thresholds),
+        rows = depth_sweep(model, batches, sweep_depths(config.max_depth), parse_thresholds(cfg.sweep_thresholds),
                            cfg.exit_rule, val_loss, cfg.seed)
-    print(f"sweep: {dataset} val, {cfg.sweep_batches} x {cfg.sweep_batch_size} x {config.block_size} tokens, "
-          f"trained depth mean {config.mean_depth} max {config.max_depth}; adaptive exit runs at most "
-          f"{config.max_depth} (teacher-forced, model.adaptive_forward)")
+    print(f"sweep: {path} val, {cfg.sweep_batches} x {cfg.sweep_batch_size} x {config.block_size} tokens, trained "
+          f"depth mean {config.mean_depth} max {config.max_depth} (adaptive exit: at most max, teacher-forced)")
     print(f"{'setting':<22}{'iterations/token':>18}{'compute vs r=' + str(config.max_depth):>18}{'val_loss':>12}")
     for row in rows:
-        print(f"{row['setting']:<22}{row['mean_iters']:>18.2f}{row['mean_iters'] / config.max_depth:>18.2f}"
+        print(f"{row['setting']:<22}{row['mean_iterations']:>18.2f}{row['mean_iterations'] / config.max_depth:>18.2f}"
               f"{row['value']:>12.4f}")
     if cfg.plot:
-        save_plot(rows, cfg.plot, 'val_loss', f"{dataset}: val_loss vs compute")
+        save_plot(rows, cfg.plot, 'val_loss', f"{os.path.basename(path)}: val_loss vs compute")
         print(f"plot saved to {cfg.plot}")
     return rows
+
 
 # -----------------------------------------------------------------------------
 def run(settings):
@@ -395,13 +350,12 @@ def run(settings):
     check_flags(cfg)
     torch.manual_seed(cfg.seed)
     model, ckpt = load_checkpoint(cfg.out_dir, cfg.device)
-    R = check_model_flags(cfg, model.config)
+    r, train_cfg = depth(cfg, model.config), ckpt.get('config', {})
+    path = prepare.dataset_dir(train_cfg.get('dataset', 'shakespeare_char'), cfg.data_dir or train_cfg.get('data_dir'))
     if cfg.compile:
         model.compile_loop()  # the loop over r stays in Python: no recompile per depth (METHOD.md §3)
     ctx = nullcontext() if cfg.dtype == 'float32' else torch.autocast(torch.device(cfg.device).type, DTYPES[cfg.dtype])
-    if cfg.sweep:
-        return run_sweep(model, cfg, ckpt.get('config', {}), ctx)
-    run_samples(model, cfg, R, ckpt.get('config', {}), ctx)
+    return run_sweep(model, cfg, path, ctx) if cfg.sweep else run_samples(model, cfg, r, path, ctx)
 
 
 def main(argv=None):

@@ -1,2 +1,1 @@
-"""Classroom exercises: write the method's key functions yourself; `python -m exercises check N` grades them with the
-project's own property tests. See exercises/README.md."""
+"""Classroom exercises: write the method's key functions, grade them with python -m exercises check N (README.md)."""

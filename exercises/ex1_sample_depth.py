@@ -1,14 +1,11 @@
-"""
-Exercise 1 of 6: sample_depth, how many times the loop runs in one training step.   METHOD.md §3, ~20 minutes
+"""Exercise 1 of 6: sample_depth, how many times the loop runs in one training step.   METHOD.md §3, ~20 minutes
 
 A recurrent-depth model is trained with a *random* number of loop iterations r at every optimizer step, so that at
 test time it works at any depth. Huginn (Geiping et al., arXiv 2502.05171) draws r from a "log-normal Poisson": most
-draws sit near the mean, a few go much deeper (a heavy tail), so the model now and then practises thinking for long.
+draws sit near the mean, a few go much deeper (a heavy tail), so the model now and then practises long loops.
 
-Write the function, then grade it:   python -m exercises check 1
-The model calls model.sample_depth once per training step (GPT._depth); the check puts yours there instead.
+Write the function, then grade it:   python -m exercises check 1   (the model calls yours once per training step)
 """
-
 import math
 
 import torch

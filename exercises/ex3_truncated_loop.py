@@ -1,15 +1,13 @@
-"""
-Exercise 3 of 6: truncated_loop, run the loop r times, backpropagate through the last k only.   METHOD.md §3, ~25 min
+"""Exercise 3 of 6: truncated_loop, run the loop r times, backprop through the last k only.   METHOD.md §3, ~25 min
 
 Training draws a depth r every step (exercise 1), sometimes r = 30 or more. Backpropagating through all r iterations
 would store activations for each of them: memory O(r), and the deep draws would not fit. Huginn runs the first r - k
 iterations without autograd and only the last k with it (k = 8 in the paper): activation memory O(k) whatever r is,
-forward cost O(r), backward O(k). The encoder still learns, through the injection in the last k iterations.
+forward cost O(r), backward O(k). The prelude still learns, through the injection in the last k iterations.
 
 Write the function, then grade it:   python -m exercises check 3
 The model's forward is   s = truncated_loop(step, s, r, config.backprop_depth)   with step(s, i) one loop iteration.
 """
-
 import torch
 
 
@@ -19,7 +17,6 @@ def truncated_loop(step, s, r, k):
     Autograd may record only the last min(r, k) calls: run the first max(r - k, 0) of them under torch.no_grad().
     When r <= k every call is recorded. Call step exactly r times, never more.
 
-    Hints: `with torch.no_grad():` around a for loop; range(a, b); no .detach() is needed, a state computed under
-    no_grad carries no graph.
+    Hints: `with torch.no_grad():` around a for loop; range(a, b); no .detach() needed: no_grad states carry no graph.
     """
     raise NotImplementedError('exercise 3: write truncated_loop')

@@ -1,18 +1,15 @@
-"""
-Exercise 4 of 6: kl_converged, when may a token stop thinking?   METHOD.md §5, ~20 minutes
+"""Exercise 4 of 6: kl_converged, when may a token stop iterating?   METHOD.md §5, ~20 minutes
 
 At test time a looped model can spend fewer iterations on easy tokens. Huginn's zero-shot rule (arXiv 2502.05171):
-after every iteration, decode the state into a next-token distribution p_i and stop once it has stopped changing,
-KL(p_i || p_{i-1}) < eps (Huginn: eps = 5e-4), else run to the maximum depth.
+after every iteration, run the coda on the state to get a next-token distribution p_i and stop once it has stopped
+changing, KL(p_i || p_{i-1}) < eps (Huginn: eps = 5e-4), else run to the maximum depth.
 
 Before the first iteration there is no previous prediction: the model (model.ExitTest) passes the uniform
 distribution, log p_prev = -log V for every token, so the first test asks "is p_1 already within eps of uniform?".
 
 Write the function, then grade it:   python -m exercises check 4
-The model looks the rule up in model.EXIT_RULES['kl']; the check puts yours there, for decoding (generate) and for
-teacher-forced adaptive evaluation (adaptive_forward).
+The check puts yours in model.EXIT_RULES['kl'], where decoding (generate) and adaptive_forward look the rule up.
 """
-
 import torch
 
 

@@ -38,7 +38,7 @@ def results():
 def test_equal_flop_plain_gpt_is_the_closest_depth():
     """The plain twin's layer count gives training FLOPs per token closer to the loop's than one layer more or less."""
     for dev in ('cpu', 'cuda'):
-        cfg = bench.loop_config(dev)
+        cfg = bench.GPTConfig(**bench.SIZES[dev], **bench.LOOP)
         target, n = bench.training_flops(cfg, cfg.mean_depth), bench.equal_flop_layers(cfg)
         gap = lambda n: abs(bench.training_flops(bench.plain_config(n, **bench.width(cfg)), 1) - target)
         assert gap(n) <= min(gap(n - 1), gap(n + 1)), f"{dev}: {n} layers is not the closest equal-FLOP plain GPT"

@@ -1,4 +1,4 @@
-"""etd.py (METHOD.md §4): the layer split, and conversions that keep every parameter and, at k = 1, every logit.
+"""etd.py (METHOD.md §4): the layer split, and conversions that keep every parameter and, at r = 1, every logit.
 Tiny CPU models, no network; the GPT-2 mapping is checked against transformers' own model, built offline."""
 import dataclasses
 import json
@@ -19,11 +19,11 @@ TOL = 1e-5  # fp32 identity tolerance of the issue: a missed transpose or exact 
 
 
 def planted_curve(a, b, c, seed):
-    """An ETD-shaped curve (§4) with a known split: a falling encoder, a flat noisy middle, a rising decoder."""
+    """An ETD-shaped curve (§4) with a known split: a falling prelude, a flat noisy loop, a rising coda."""
     noise = 0.01 * (torch.rand(b, generator=torch.Generator().manual_seed(seed)) - 0.5)
-    encoder = torch.linspace(0.6, 0.3, a) if a > 1 else torch.full((a,), 0.6)
-    decoder = torch.linspace(0.25, 0.5, c) if c > 1 else torch.full((c,), 0.5)
-    return torch.cat([encoder, 0.05 + noise, decoder]).tolist()
+    prelude = torch.linspace(0.6, 0.3, a) if a > 1 else torch.full((a,), 0.6)
+    coda = torch.linspace(0.25, 0.5, c) if c > 1 else torch.full((c,), 0.5)
+    return torch.cat([prelude, 0.05 + noise, coda]).tolist()
 
 
 def plain_checkpoint(path, n_layer=4, split=None, **overrides):
@@ -41,6 +41,11 @@ def plain_checkpoint(path, n_layer=4, split=None, **overrides):
 def token_batches(vocab, n=3, shape=(4, 32)):
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, vocab, shape, generator=g) for _ in range(n)]
+
+
+def convert(source, split='auto', **kwargs):
+    """etd.convert of the base that etd.load_base reads: a checkpoint, a transformers directory or a GPT-2 name."""
+    return etd.convert(etd.load_base(source), split, source=source, **kwargs)
 
 
 def max_diff(a, b):
@@ -67,7 +72,7 @@ def test_manual_split_errors_name_the_bad_value(bad):
 
 
 def test_manual_split_parses_string_and_tuple():
-    """'1,2,1' and (1, 2, 1) both mean 1 encoder, 2 thinking and 1 decoder layer."""
+    """'1,2,1' and (1, 2, 1) both mean 1 prelude, 2 loop and 1 coda layer."""
     assert etd.parse_split('1, 2,1', 4) == etd.parse_split((1, 2, 1), 4) == (1, 2, 1)
 
 
@@ -87,11 +92,11 @@ def test_ex5_angular_distance_is_0_for_same_half_for_orthogonal_1_for_opposite()
 
 @pytest.mark.parametrize('planted', [(1, 4, 1), (2, 6, 2), (3, 5, 4), (7, 4, 5), (1, 10, 1), (4, 20, 8)])
 def test_ex5_knees_find_the_planted_split(planted):
-    """choose_split returns the (encoder, thinking, decoder) sizes planted in a synthetic U-shaped curve."""
+    """choose_split returns the (prelude, loop, coda) sizes planted in a synthetic U-shaped curve."""
     for seed in range(3):
         split = etd.choose_split(planted_curve(*planted, seed), sum(planted))
         assert split == planted, f"seed {seed}: found {split} in a curve planted with {planted} -- hint: the " \
-            "reversed curve's knee counts decoder blocks from the end"
+            "reversed curve's knee counts coda blocks from the end"
 
 
 def test_ex5_every_curve_gives_a_valid_split():
@@ -108,11 +113,11 @@ def test_ex5_every_curve_gives_a_valid_split():
 
 
 @pytest.mark.parametrize('split', ['1,2,1', '0,1,3', 'auto'])
-def test_plain_checkpoint_keeps_parameters_and_logits_at_k1(tmp_path, split):
-    """Converting a plain nanoloop checkpoint keeps the parameter count, and at k = 1 the base model's logits."""
+def test_plain_checkpoint_keeps_parameters_and_logits_at_r1(tmp_path, split):
+    """Converting a plain nanoloop checkpoint keeps the parameter count, and at r = 1 the base model's logits."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt')
     idx = token_batches(50, 1)[0]
-    model, info = etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), split, batches=token_batches(50), mean_depth=3)
+    model, info = convert(str(tmp_path / 'ckpt.pt'), split, batches=token_batches(50), mean_depth=3)
     assert model.get_num_params(False) == base.get_num_params(False)
     assert max_diff(model(idx, num_steps=1)[0], base(idx)[0]) <= TOL
     assert sum(info['split']) == 4 and model.config.mean_depth == 3 and model.config.inject == 'none'
@@ -123,7 +128,7 @@ def test_checkpoint_split_into_stages_is_read_in_layer_order(tmp_path):
     """A plain checkpoint whose blocks are filed as prelude/loop/coda (r = 1) converts to the same function."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt', split=(1, 1, 2))
     idx = token_batches(50, 1)[0]
-    model, _ = etd.convert_pretrained(str(tmp_path), '2,1,1')  # the out_dir holding ckpt.pt also works
+    model, _ = convert(str(tmp_path), '2,1,1')  # the out_dir holding ckpt.pt also works
     assert max_diff(model(idx, num_steps=1)[0], base(idx)[0]) <= TOL
 
 
@@ -131,7 +136,7 @@ def test_ex5_curve_is_measured_on_the_base_model(tmp_path):
     """The stored curve is angular_distances of the base model's hidden states, one value per layer."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt')
     batches = token_batches(50)
-    _, info = etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), 'auto', batches=batches)
+    _, info = convert(str(tmp_path / 'ckpt.pt'), 'auto', batches=batches)
     expected = torch.stack([etd.angular_distances(etd.hidden_states_per_layer(base, b)) for b in batches]).mean(0)
     worst = np.abs(np.array(info['curve']) - expected.numpy()).max()
     assert worst <= 1e-6, f"the converted model's curve differs from the base's distances by up to {worst:.1e} " \
@@ -143,23 +148,23 @@ def test_non_plain_checkpoint_is_rejected(tmp_path):
     """A checkpoint trained with a loop (inject concat, r > 1) is not a plain GPT: one ValueError saying so."""
     plain_checkpoint(tmp_path / 'ckpt.pt', inject='concat', norm_state=True, mean_depth=2, max_depth=4)
     with pytest.raises(ValueError, match='not a plain GPT'):
-        etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), '1,2,1')
+        convert(str(tmp_path / 'ckpt.pt'), '1,2,1')
 
 
-def test_conversion_backprops_every_iteration_so_the_encoder_learns(tmp_path):
+def test_conversion_backprops_every_iteration_so_the_prelude_learns(tmp_path):
     """§3 trap: by default backprop_depth = max_depth, so at the deepest r the prelude still gets gradient."""
     plain_checkpoint(tmp_path / 'ckpt.pt')
-    model = etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), '1,2,1', mean_depth=2, max_depth=5)[0].train()
+    model = convert(str(tmp_path / 'ckpt.pt'), '1,2,1', mean_depth=2, max_depth=5)[0].train()
     assert model.config.backprop_depth == 5
     idx = token_batches(50, 1)[0]
     model(idx, idx, num_steps=5)[1].backward()
-    assert model.transformer.prelude[0].mlp.c_fc.weight.grad.abs().sum() > 0, "encoder got no gradient"
+    assert model.transformer.prelude[0].mlp.c_fc.weight.grad.abs().sum() > 0, "the prelude got no gradient"
 
 
 def test_router_is_the_only_new_parameter(tmp_path):
-    """With ETD's halting router the conversion adds exactly its Linear(d -> 1), and logits at k = 1 are unchanged."""
+    """With ETD's halting router the conversion adds exactly its Linear(d -> 1), and logits at r = 1 are unchanged."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt')
-    model, _ = etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), '1,2,1', router=True)
+    model, _ = convert(str(tmp_path / 'ckpt.pt'), '1,2,1', router=True)
     idx = token_batches(50, 1)[0]
     assert model.get_num_params(False) == base.get_num_params(False) + 32 + 1
     assert max_diff(model(idx, num_steps=1)[0], base(idx)[0]) <= TOL
@@ -169,16 +174,16 @@ def test_settings_fixed_by_the_base_cannot_be_overridden(tmp_path):
     """Only depth, dropout and router settings may be passed: n_embd comes from the base, with one clear error."""
     plain_checkpoint(tmp_path / 'ckpt.pt')
     with pytest.raises(ValueError, match='n_embd=64 cannot be set'):
-        etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), '1,2,1', n_embd=64)
+        convert(str(tmp_path / 'ckpt.pt'), '1,2,1', n_embd=64)
 
 
 def test_auto_split_without_text_and_unknown_source_are_clear_errors(tmp_path):
     """split='auto' needs sample batches, and a path that is neither GPT-2 nor a checkpoint is named in the error."""
     plain_checkpoint(tmp_path / 'ckpt.pt')
     with pytest.raises(ValueError, match='needs sample text'):
-        etd.convert_pretrained(str(tmp_path / 'ckpt.pt'), 'auto')
+        convert(str(tmp_path / 'ckpt.pt'), 'auto')
     with pytest.raises(ValueError, match='nowhere.pt'):
-        etd.convert_pretrained(str(tmp_path / 'nowhere.pt'), '1,2,1')
+        convert(str(tmp_path / 'nowhere.pt'), '1,2,1')
 
 
 # -- GPT-2 through transformers ---------------------------------------------------------------------------------------
@@ -198,12 +203,12 @@ def tiny_gpt2(tmp_path_factory):
 
 
 @pytest.mark.parametrize('split', ['1,2,1', 'auto'])
-def test_gpt2_conversion_matches_transformers_logits_at_k1(tiny_gpt2, split):
-    """Our GPT-2 mapping (Conv1D transposes, tanh GELU, tied head) reproduces transformers' logits at k = 1, with the
+def test_gpt2_conversion_matches_transformers_logits_at_r1(tiny_gpt2, split):
+    """Our GPT-2 mapping (Conv1D transposes, tanh GELU, tied head) reproduces transformers' logits at r = 1, with the
     same parameter count."""
     path, hf = tiny_gpt2
     idx = token_batches(50, 1)[0]
-    model, _ = etd.convert_pretrained(path, split, batches=token_batches(50), mean_depth=2)
+    model, _ = convert(path, split, batches=token_batches(50), mean_depth=2)
     with torch.no_grad():
         assert max_diff(model(idx, num_steps=1)[0], hf(idx).logits) <= TOL
     assert model.get_num_params(False) == sum(p.numel() for p in hf.parameters())
@@ -213,7 +218,7 @@ def test_missing_transformers_is_one_clear_error(monkeypatch):
     """Without the optional transformers package, a GPT-2 source is a ValueError that says how to install it."""
     monkeypatch.setitem(sys.modules, 'transformers', None)  # makes `import transformers` raise ImportError
     with pytest.raises(ValueError, match='pip install transformers'):
-        etd.convert_pretrained('gpt2', '1,10,1')
+        convert('gpt2', '1,10,1')
 
 
 def tiny_dataset(root, vocab=50, n=2000):
@@ -246,14 +251,14 @@ def test_offline_gpt2_download_fails_with_one_line(tmp_path):
 
 
 def cli_config(tmp_path, **overrides):
-    return dict(etd.defaults, **dict(dict(init_from=str(tmp_path / 'ckpt.pt'), dataset='tiny', etd_sequences=8,
+    return dict(etd.DEFAULTS, **dict(dict(init_from=str(tmp_path / 'ckpt.pt'), dataset='tiny', etd_sequences=8,
                                           data_dir=tiny_dataset(tmp_path)), **overrides))
 
 
 def test_cli_prints_the_curve_and_the_chosen_split(tmp_path, capsys):
     """etd.py prints one chart line per block of a plain checkpoint, each marked with its stage; no out_dir, no file."""
     plain_checkpoint(tmp_path / 'ckpt.pt')
-    etd.run(cli_config(tmp_path))
+    etd.run(**cli_config(tmp_path))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines if line.lstrip().startswith('block')] == ['0', '1', '2', '3']
     assert any(line.endswith('loop') for line in lines), lines
@@ -265,8 +270,8 @@ def test_converter_writes_a_checkpoint_the_one_loader_reads(tmp_path):
     model.load_checkpoint reads into the base model's function at r = 1, and etd_split.json with the curve."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt')
     out = tmp_path / 'etd'
-    model, info = etd.convert_to_checkpoint(str(tmp_path / 'ckpt.pt'), str(out), split='1,2,1', dataset='tiny',
-                                            data_dir=tiny_dataset(tmp_path), etd_sequences=8)
+    model, info = etd.run(init_from=str(tmp_path / 'ckpt.pt'), out_dir=str(out), split='1,2,1', dataset='tiny',
+                          data_dir=tiny_dataset(tmp_path), etd_sequences=8)
     loaded, ckpt = load_checkpoint(str(out))
     assert ckpt['iter_num'] == 0 and 'optimizer' not in ckpt and ckpt['config']['dataset'] == 'tiny'
     assert (loaded.config.n_prelude, loaded.config.n_loop, loaded.config.n_coda) == (1, 2, 1)
@@ -283,9 +288,9 @@ def test_converter_refuses_a_used_out_dir_unless_overwrite(tmp_path):
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(b'an earlier run')
     with pytest.raises(ValueError, match="out_dir=.*used.* is not empty.*--overwrite=True"):
-        etd.run(cli_config(tmp_path, out_dir=str(out)))
+        etd.run(**cli_config(tmp_path, out_dir=str(out)))
     assert (out / 'ckpt.pt').read_bytes() == b'an earlier run'
-    etd.run(cli_config(tmp_path, out_dir=str(out), overwrite=True))
+    etd.run(**cli_config(tmp_path, out_dir=str(out), overwrite=True))
     assert load_checkpoint(str(out))[1]['iter_num'] == 0
 
 
@@ -301,7 +306,7 @@ def test_bad_settings_fail_before_the_curve_is_measured(tmp_path, monkeypatch, o
     plain_checkpoint(tmp_path / 'ckpt.pt')
     monkeypatch.setattr(etd, 'layer_curve', lambda *a, **k: pytest.fail('the curve was measured first'))
     with pytest.raises(ValueError, match=needle.replace('(', r'\(')):
-        etd.run(cli_config(tmp_path, **overrides))
+        etd.run(**cli_config(tmp_path, **overrides))
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -337,8 +342,8 @@ def test_train_midtraining_starts_from_the_converted_base(tmp_path):
     base_dir, etd_dir, mid_dir = (str(tmp_path / name) for name in ('base', 'etd', 'mid'))
     train.train(tiny_train_config(tmp_path, out_dir=base_dir, n_prelude=0, n_loop=4, n_coda=0, mean_depth=1,
                                   max_depth=1, backprop_depth=1, inject='none', init_state='embed', norm_state=False))
-    _, info = etd.convert_to_checkpoint(base_dir, etd_dir, dataset='tiny', data_dir=str(tmp_path / 'data'),
-                                        etd_sequences=8)
+    _, info = etd.run(init_from=base_dir, out_dir=etd_dir, dataset='tiny', data_dir=str(tmp_path / 'data'),
+                      etd_sequences=8)
     history = train.train(tiny_train_config(tmp_path, out_dir=mid_dir, init_from=os.path.join(etd_dir, 'ckpt.pt'),
                                             mean_depth=2, max_depth=2, backprop_depth=2, fixed_depth=True))
     assert read_log(mid_dir)[0]['val_loss']['1'] == pytest.approx(read_log(base_dir)[-1]['val_loss']['1'], abs=1e-5)

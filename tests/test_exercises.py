@@ -177,7 +177,7 @@ def test_ex2_prelude_learns_through_the_injection():
 
 
 @pytest.mark.parametrize('r, k', [(5, 2), (2, 4), (3, 3)])
-def test_ex3_truncated_loop_runs_r_steps_and_backprops_the_last_k(r, k):
+def test_ex3_truncated_loop_runs_r_iterations_and_backprops_the_last_k(r, k):
     """step(s, i) runs for i = 0..r-1 in order and the gradient sees only the last min(r, k) calls: for s <- w s from
     s = 1 at w = 2, d s_r / d w = min(r, k) 2^(r-1) (full backprop: r 2^(r-1))."""
     w, calls = torch.tensor(2.0, requires_grad=True), []
@@ -186,9 +186,9 @@ def test_ex3_truncated_loop_runs_r_steps_and_backprops_the_last_k(r, k):
         f"hint: call step exactly r times, i counting up from 0"
     grad = torch.autograd.grad(out, w, allow_unused=True)[0] if out.requires_grad else None
     got, want = 0.0 if grad is None else grad.item(), min(r, k) * 2 ** (r - 1)
-    assert got == want, f"r={r}, k={k}: d s_r / d w = {got:g}, expected {want:g} (the last {min(r, k)} steps) -- " \
-        "hint: " + ("every step was recorded: the first r - k must run without autograd" if got == r * 2 ** (r - 1)
-                    else "no step was recorded" if got == 0 else "how many steps run without autograd?")
+    assert got == want, f"r={r}, k={k}: d s_r / d w = {got:g}, expected {want:g} (the last {min(r, k)} iterations) -- " \
+        "hint: " + ("every iteration was recorded: the first r - k must run without autograd" if got == r * 2 ** (r - 1)
+                    else "no iteration was recorded" if got == 0 else "how many iterations run without autograd?")
 
 
 def test_ex3_truncation_equals_a_cut_after_r_minus_k():
@@ -286,7 +286,7 @@ def test_ex6_fill_latest_gives_later_iterations_the_latest_entry():
     """At position pos a row that ran d iterations gets, at every later iteration, what the per-token-depth forward
     shows later tokens; its own d entries and every other position stay as they were."""
     pos, depths = 2, torch.tensor([1, 3, 5])
-    kv = torch.randn(5, 2, 2, 3, 2, 4, 3, generator=torch.Generator().manual_seed(0))  # (iters, L, 2, B, H, T, hd)
+    kv = torch.randn(5, 2, 2, 3, 2, 4, 3, generator=torch.Generator().manual_seed(0))  # (r, L, 2, B, H, T, hd)
     got = kv.clone()
     model.fill_latest(got, depths, pos)
     assert torch.equal(got[:, :, :, :, :, [0, 1, 3]], kv[:, :, :, :, :, [0, 1, 3]]), \
@@ -360,8 +360,8 @@ PLANTED = [  # (exercise, function, mistake, the property it breaks first, words
     (1, 'sample_depth', depth_at_least_one_without_plus_one, 'test_ex1_depth_mean_is_mean_depth_plus_one',
      'the +1 is missing'),
     (2, 'inject', inject_ignoring_e, 'test_ex2_injection_formula[concat]', 'ignores e'),
-    (3, 'truncated_loop', full_backprop, 'test_ex3_truncated_loop_runs_r_steps_and_backprops_the_last_k[5-2]',
-     'every step was recorded'),
+    (3, 'truncated_loop', full_backprop, 'test_ex3_truncated_loop_runs_r_iterations_and_backprops_the_last_k[5-2]',
+     'every iteration was recorded'),
     (4, 'kl_converged', kl_with_less_or_equal, 'test_ex4_kl_compares_strictly', 'compare strictly'),
     (5, 'find_knee', knee_at_the_midpoint, 'test_ex5_knee_of_a_falling_curve_is_where_it_turns_flat', 'the middle'),
     (6, 'fill_latest', fill_with_zeros, 'test_ex6_fill_latest_gives_later_iterations_the_latest_entry', 'holds zeros'),

@@ -173,18 +173,19 @@ def test_two_concurrent_prepares_both_succeed(tmp_path):
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _ in results), results
     out = tmp_path / 'prefix_sums'
-    assert P.read_meta(str(out))['example_len'] == 16 and len(read_bins(str(out))[0]) == 20000 * 16
+    assert P.read_meta(str(out))['example_len'] == 17 and len(read_bins(str(out))[0]) == 20000 * 17  # BOS + 16
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
 
 # ---- prefix_sums (the lead's showcase task): the CLI and its meta
 
 
 def test_prefix_sums_cli_writes_meta_json_with_example_len(tmp_path):
-    """`python prepare.py prefix_sums` writes meta.json with example_len, digits as chars, and a bare --force redoes."""
+    """`python prepare.py prefix_sums` writes meta.json with example_len (BOS + digits), the digits and '^' (the BOS)
+    as chars, and a bare --force redoes."""
     r = cli('prefix_sums', '--n_train=100', '--n_val=10', '--length=8', f'--data_dir={tmp_path}')
     assert r.returncode == 0, r.stderr
     meta = P.read_meta(str(tmp_path / 'prefix_sums'))
-    assert meta['example_len'] == 8 and meta['vocab_size'] == 3 and meta['chars'] == ['0', '1', '2']
+    assert meta['bos'] and meta['example_len'] == 9 and meta['vocab_size'] == 4 and meta['chars'] == list('012^')
     r = cli('prefix_sums', '--n_train=100', '--n_val=10', '--length=8', f'--data_dir={tmp_path}', '--force')
     assert r.returncode == 0 and 'already prepared' not in r.stdout, r.stdout + r.stderr
 

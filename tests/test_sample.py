@@ -22,7 +22,7 @@ from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = sorted(set('abcde fgh[]\\\n'))  # brackets, a backslash and a newline: the markup must escape them
-R_MAX = 6  # max_depth of the tiny model
+MAX_DEPTH = 6  # max_depth of the tiny model
 
 
 def tiny_model(inject='concat'):
@@ -30,7 +30,7 @@ def tiny_model(inject='concat'):
     change the prediction and adaptive exit picks varied depths."""
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=16, vocab_size=len(CHARS), n_embd=16, n_head=2, n_prelude=1, n_loop=1, n_coda=1,
-                    mean_depth=3, max_depth=R_MAX, backprop_depth=2, inject=inject,
+                    mean_depth=3, max_depth=MAX_DEPTH, backprop_depth=2, inject=inject,
                     init_state='embed' if inject == 'none' else 'zeros')
     gpt = GPT(cfg).eval()
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
     x = torch.tensor([[CHARS.index(c) for c in 'a[b\\']])
     generator = torch.Generator().manual_seed(7)
     for line in (lines[0], lines[2]):
-        out, depths = gpt.generate(x, 12, num_steps=R_MAX, temperature=1.0, top_k=200, exit_threshold=1e-2,
+        out, depths = gpt.generate(x, 12, num_steps=MAX_DEPTH, temperature=1.0, top_k=200, exit_threshold=1e-2,
                                    generator=generator)
         parsed = sample.parse_markup(line)
         assert parsed[0] == ('a[b\\', None)
@@ -131,17 +131,17 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
 # --- self-speculative decoding --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('prompt_len, new, batch, draft_steps, n_draft, inject', [
+@pytest.mark.parametrize('prompt_len, new, batch, draft_depth, n_draft, inject', [
     (1, 40, 1, 1, 3, 'concat'),   # a one-token prompt, crossing block_size (16) twice
     (5, 12, 2, 2, 5, 'concat'),   # a longer prompt, a batch whose rows accept different prefixes
     (20, 6, 1, 1, 2, 'none'),     # a prompt longer than block_size; ETD's injection-free loop
 ])
-def test_speculative_greedy_equals_plain_greedy(prompt_len, new, batch, draft_steps, n_draft, inject):
+def test_speculative_greedy_equals_plain_greedy(prompt_len, new, batch, draft_depth, n_draft, inject):
     """At temperature 0 self-speculative decoding outputs exactly model.generate's greedy tokens at full depth R."""
     gpt = tiny_model(inject)
     x = torch.randint(0, len(CHARS), (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     plain, _ = gpt.generate(x, new, num_steps=4, temperature=0)
-    spec, stats = sample.generate_speculative(gpt, x, new, 4, draft_steps, n_draft, temperature=0)
+    spec, stats = sample.generate_speculative(gpt, x, new, 4, draft_depth, n_draft, temperature=0)
     assert torch.equal(spec, plain), f"first difference at {(spec != plain).nonzero()[0].tolist()}"
     assert 0 < stats['accepted'] < stats['drafted'], f"the test should see accepted and rejected drafts: {stats}"
 
@@ -150,7 +150,7 @@ def test_speculative_draft_at_full_depth_is_always_accepted():
     """When the drafter runs the verifier's depth their distributions match, so sampling keeps every draft."""
     gpt = tiny_model()
     x = torch.zeros(1, 1, dtype=torch.long)
-    _, stats = sample.generate_speculative(gpt, x, 12, 3, draft_steps=3, n_draft=3, temperature=1.0,
+    _, stats = sample.generate_speculative(gpt, x, 12, 3, draft_depth=3, n_draft=3, temperature=1.0,
                                            generator=torch.Generator().manual_seed(0))
     assert stats['accepted'] == stats['drafted'] > 0, stats
 
@@ -174,8 +174,8 @@ def test_warm_start_replaces_only_the_initial_state(monkeypatch):
     and differs from plain cold start: continuous thought changes the initial state and nothing else."""
     gpt = tiny_model()
     x = torch.zeros(1, 1, dtype=torch.long)
-    cfg = settings(max_new_tokens=10, temperature=0.0, exit_threshold=1e-2, exit_rule='kl', speculative=False)
-    run = lambda warm: sample.generate_sample(gpt, x, settings(**{**vars(cfg), 'warm_start': warm}), R_MAX, None)[:2]
+    cfg = dict(max_new_tokens=10, temperature=0.0, exit_threshold=1e-2, exit_rule='kl', speculative=False)
+    run = lambda warm: sample.generate_sample(gpt, x, settings(**cfg, warm_start=warm), MAX_DEPTH, None)[:2]
     warm, cold = run(True), run(False)
     last = {}
     forward_cached = gpt.forward_cached
@@ -203,8 +203,8 @@ def test_sweep_returns_one_row_per_setting(ckpt_dir):
     """One row per fixed depth (its iterations = r) and per EPS (EPS 0 runs max_depth on every token)."""
     rows = sample.depth_sweep(tiny_model(), sweep_batches(ckpt_dir), [1, 2, 4, 12], [1e-1, 0.0], 'kl')
     assert [r['setting'] for r in rows] == ['r=1', 'r=2', 'r=4', 'r=12', 'kl eps=0.1', 'kl eps=0']
-    assert [r['mean_iters'] for r in rows[:4]] == [1, 2, 4, 12]
-    assert rows[-1]['mean_iters'] == R_MAX and rows[-2]['mean_iters'] < R_MAX
+    assert [r['mean_iterations'] for r in rows[:4]] == [1, 2, 4, 12]
+    assert rows[-1]['mean_iterations'] == MAX_DEPTH and rows[-2]['mean_iterations'] < MAX_DEPTH
     assert all(np.isfinite(r['value']) for r in rows)
 
 
@@ -230,7 +230,7 @@ def test_main_sweep_prints_a_table_and_saves_the_plot(ckpt_dir, capsys):
                  '--sweep_batch_size=2', '--sweep_thresholds=1e-1,0', f"--plot={ckpt_dir / 'sweep.png'}"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(('r=', 'kl eps='))]
-    assert len(rows) == len(sample.sweep_depths(R_MAX)) + 2, out
+    assert len(rows) == len(sample.sweep_depths(MAX_DEPTH)) + 2, out
     assert (ckpt_dir / 'sweep.png').stat().st_size > 0
 
 
@@ -238,7 +238,7 @@ def test_main_sweep_prints_a_table_and_saves_the_plot(ckpt_dir, capsys):
 
 
 @pytest.mark.parametrize('name, needle', [('missing_checkpoint', 'no checkpoint'), ('char_outside_vocab', "'Z'"),
-                                          ('bad_device', "device='foo' is not available here: expected one of cpu"),
+                                          ('bad_device', "device='foo' is not available here: this machine has cpu"),
                                           ('prompt_not_utf8', 'latin1.txt is not UTF-8 text (byte 0xe9')])
 def test_cli_error_is_one_line_without_traceback(runs, name, needle):
     """A bad run of the real command exits != 0 with one 'error:' line naming the problem, no traceback: a bad device
@@ -260,7 +260,9 @@ def test_cli_error_is_one_line_without_traceback(runs, name, needle):
     (['--speculative', '--exit_threshold=1e-3'], '--speculative with --exit_threshold'),
     (['--sweep', '--speculative'], '--sweep with --speculative'),
     (['--speculative', '--warm_start'], '--speculative with --warm_start'),
-    (['--speculative', '--draft_steps=9', '--num_steps=4'], 'draft_steps=9'),
+    (['--speculative', '--draft_depth=9', '--num_steps=4'], 'draft_depth=9'),
+    (['--num_steps=0'], 'num_steps=0 is not allowed'),
+    (['--exit_threshold=-1'], 'exit_threshold=-1 is not allowed: expected None (off)'),
     (['--exit_rule=router', '--exit_threshold=0.99'], "exit_rule='router'"),
     (['--exit_rule=bogus'], "exit_rule='bogus'"),
     (['--color=blue'], "color='blue'"),

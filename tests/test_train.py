@@ -90,7 +90,7 @@ def test_log_has_a_row_per_depth_and_an_adaptive_row(trained):
     for row in rows:
         assert sorted(row['val_loss'], key=int) == ['1', '2', '4'], 'mean 2, max 4: depths {1, 1, 2, 4} deduplicated'
         assert sorted(row['train_loss'], key=int) == ['1', '2', '4']
-        assert 1 <= row['adaptive']['mean_depth'] <= cfg['max_depth']
+        assert 1 <= row['adaptive']['mean_iterations'] <= cfg['max_depth']
         assert np.isfinite(row['adaptive']['val_loss']) and row['adaptive']['exit_rule'] == 'kl'
         assert {'lr', 'tokens', 'time_s'} <= set(row)
     assert rows[-1]['tokens'] == 8 * 4 * 16
@@ -280,7 +280,7 @@ def test_bad_values_exit_with_one_error_line_before_any_work(args, message, tmp_
 
 def test_block_size_larger_than_the_data_is_refused_before_the_model(tmp_path, capsys):
     """block_size must leave room for a window in both splits; checked once the data exists."""
-    assert 'block_size=5000 is not allowed: dataset' in main_error(tiny_args(tmp_path, block_size=5000), capsys)
+    assert 'block_size=5000 needs more' in main_error(tiny_args(tmp_path, block_size=5000), capsys)
 
 
 @pytest.mark.parametrize('device', [
