@@ -13,6 +13,7 @@ mean_depth (the same inference FLOPs). Each run is `python train.py` in its own 
 train.log); a finished run with the same settings is reused. Any train.py key can be given here too.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -349,6 +350,8 @@ def main(argv=None):
             c = types_ns({**train.DEFAULTS, **ckpt['config']}, batch_size=8, eval_iters=1)
             print(format_diagnosis(diagnose(model, train.eval_batches(c, 'val', 'cpu')[0][0])))
             return
+        if cfg['plot'] and importlib.util.find_spec('matplotlib') is None:
+            raise ValueError("plot=True needs the optional package matplotlib: pip install matplotlib")
         train.ensure_data(types_ns(cfg))
         compare(cfg)
     except ValueError as e:

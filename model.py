@@ -13,6 +13,7 @@ available (norm='pre', pos='learned') so that GPT-2 weights load exactly.
 import inspect
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -599,6 +600,9 @@ def load_checkpoint(path, device='cpu'):
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; a truncated one loses its directory at the end
+        raise ValueError(f"checkpoint {file} cannot be read: it is truncated, damaged or not a checkpoint (not the "
+                         f"zip archive torch.save writes); use another checkpoint or train again")
     try:
         ckpt = torch.load(file, map_location='cpu', weights_only=True)
     except Exception as err:  # truncated, random or foreign files raise many types; all mean "not a checkpoint"

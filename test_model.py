@@ -234,22 +234,6 @@ def test_truncated_backprop_equals_detaching_after_r_minus_k_iterations():
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
-def test_activation_memory_does_not_grow_with_depth():
-    """Only the last k iterations are recorded: the autograd graph has the same size at r = 4 and r = 40."""
-    gpt = tiny(backprop_depth=2).train()
-
-    def graph_size(r):
-        _, loss = gpt(tokens(), tokens(seed=1), num_steps=r)
-        seen, todo = set(), [loss.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is not None and fn not in seen:
-                seen.add(fn)
-                todo += [f for f, _ in fn.next_functions]
-        return len(seen)
-    assert graph_size(4) == graph_size(40)
-
-
 @pytest.mark.parametrize('inject', ['concat', 'add'])
 def test_loop_and_prelude_weights_get_gradient(inject):
     """The loop's shared weights learn, and the prelude learns through the injection even when r > k."""
@@ -437,93 +421,7 @@ def test_router_exit_needs_a_router_and_its_cache_matches_the_forward():
     assert (gpt(out[:, :-1], depths=depths)[0] - logits).abs().max() <= 1e-5
 
 
-# --- the method's functions, one property each (used by exercises/ to grade a student's version) ------------------------
-
-def test_depth_sampler_returns_a_python_int():
-    """sample_depth returns a plain Python int, ready for range(r) and for logging (the API's contract)."""
-    g = torch.Generator().manual_seed(0)
-    kinds = {type(model.sample_depth(4, 16, generator=g)) for _ in range(20)}
-    assert kinds == {int}, kinds
-
-
-def test_depth_sampler_is_heavy_tailed_like_a_lognormal_poisson():
-    """The Poisson rate is itself log-normal (§3): Var[r] = m + m^2 (e^{sigma^2} - 1), about 26 at mean m = 8, where
-    a plain Poisson would give 8."""
-    g = torch.Generator().manual_seed(0)
-    draws = torch.tensor([model.sample_depth(8, 1000, generator=g) for _ in range(4000)], dtype=torch.float)
-    assert 18 < draws.var() < 36, f'variance {draws.var():.1f}'
-
-
-def test_embed_and_zeros_initial_states_are_exact():
-    """init_state 'embed' is e itself (ETD: the loop continues the residual stream), 'zeros' is zeros of e's shape (§2)."""
-    e = torch.randn(2, 5, 8)
-    assert torch.equal(model.init_state(e, 'embed', 0.1), e)
-    zeros = model.init_state(e, 'zeros', 0.1)
-    assert zeros.shape == e.shape and not zeros.any()
-
-
-@pytest.mark.parametrize('kind', ['concat', 'add', 'none'])
-def test_injection_is_its_section_2_formula(kind):
-    """inject (§2): 'concat' is Huginn's adapter W [s; e] (state first), 'add' is s + e, 'none' returns s unchanged."""
-    g = torch.Generator().manual_seed(0)
-    s, e = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
-    adapter = torch.nn.Linear(16, 8, bias=False)
-    W = adapter.weight
-    want = {'concat': s @ W[:, :8].T + e @ W[:, 8:].T, 'add': s + e, 'none': s}[kind]
-    got = model.inject(s, e, kind, adapter if kind == 'concat' else None)
-    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
-
-
-@pytest.mark.parametrize('r, k', [(5, 2), (2, 4), (3, 3)])
-def test_truncated_loop_runs_r_steps_and_backprops_through_the_last_k(r, k):
-    """truncated_loop calls step(s, i) for i = 0..r-1 in order, and the gradient sees only the last min(r, k) calls:
-    for s <- w * s from s = 1 at w = 2, d s_r / d w = min(r, k) * 2^(r-1) (full backprop would give r * 2^(r-1))."""
-    w, calls = torch.tensor(2.0, requires_grad=True), []
-    out = model.truncated_loop(lambda s, i: calls.append(i) or w * s, torch.tensor(1.0), r, k)
-    assert calls == list(range(r)), calls
-    assert out.item() == 2 ** r
-    out.backward()
-    assert w.grad.item() == min(r, k) * 2 ** (r - 1), f'gradient {w.grad.item()}, want {min(r, k) * 2 ** (r - 1)}'
-
-
-def test_kl_exit_weighs_by_the_new_distribution_and_first_compares_against_uniform():
-    """The first exit test compares p_1 with the uniform distribution u (ExitTest passes log u; Huginn, §5), and the
-    KL is KL(p_new || p_prev), weighted by the new distribution: against u that is log V - H(p), not KL(u || p)."""
-    logp = torch.log_softmax(torch.randn(3, 1, V, generator=torch.Generator().manual_seed(0)) * 2, -1)
-    uniform = torch.full_like(logp, -math.log(V))
-    kl = math.log(V) + (logp.exp() * logp).sum(-1)  # log V - H(p), per row
-    for b in range(3):
-        assert model.kl_converged(uniform[b], logp[b], 1.05 * kl[b].item()).all(), f'row {b}: KL {kl[b].item():.3f}'
-        assert not model.kl_converged(uniform[b], logp[b], 0.95 * kl[b].item()).any(), f'row {b}: KL {kl[b].item():.3f}'
-
-
-def test_fill_latest_copies_each_rows_last_entry_to_its_later_iterations():
-    """Early-exit cache (§5): at position pos a row that ran d iterations gets its entry d - 1 in every iteration
-    after it; its first d entries and every other position stay as they were."""
-    iters, pos = 5, 2
-    kv = torch.randn(iters, 2, 2, 3, 2, 4, 3, generator=torch.Generator().manual_seed(0))  # (iters, L, 2, B, H, T, hd)
-    depths = torch.tensor([1, 3, 5])
-    got = kv.clone()
-    model.fill_latest(got, depths, pos)
-    for b, d in enumerate(depths.tolist()):
-        for i in range(iters):
-            want = kv[min(i, d - 1), :, :, b, :, pos]
-            assert torch.equal(got[i, :, :, b, :, pos], want), f'row {b} (depth {d}), iteration {i}'
-    others = [t for t in range(kv.size(5)) if t != pos]
-    assert torch.equal(got[:, :, :, :, :, others], kv[:, :, :, :, :, others]), 'other positions changed'
-
-
-def test_kl_exit_never_holds_at_eps_zero_even_where_fp32_kl_is_negative():
-    """Distributions a rounding error apart give a KL slightly below 0 in fp32 (about -1e-9 here): clamped at 0, the
-    test KL < 0 still never holds, so eps = 0 means "never exit" (§5 trap)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 1, V, generator=g) * 10
-    logp_prev = torch.log_softmax(logits, -1)
-    logp = torch.log_softmax(logits + 1e-6 * torch.randn(logits.shape, generator=g), -1)
-    raw = (logp.exp() * (logp - logp_prev)).sum(-1)
-    assert (raw < 0).any(), 'the fixture should contain a negative fp32 KL'
-    assert not model.kl_converged(logp_prev, logp, 0.0).any()
-
+# --- generate's contract -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kwargs, word', [
     (dict(idx=torch.tensor([[V]])), 'token ids'), (dict(idx=torch.tensor([[-1]])), 'token ids'),
