@@ -90,3 +90,13 @@ def test_bad_models_are_one_line(capsys):
     with pytest.raises(SystemExit):
         compare.main(['--models=looped,deep'])
     assert 'models=' in capsys.readouterr().err
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
+    """--diagnose on a damaged file: one line naming it, no traceback."""
+    bad = tmp_path / 'ckpt.pt'
+    bad.write_bytes(b'PK\x03\x04 truncated')
+    with pytest.raises(SystemExit):
+        compare.main([f'--diagnose={bad}'])
+    err = capsys.readouterr().err
+    assert err.startswith('error: checkpoint') and 'ckpt.pt' in err and err.count('\n') == 1, err
