@@ -30,7 +30,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import check, check_device, configure, sync
-from model import GPT, GPTConfig, load_checkpoint, plain_config, sample_depth
+from model import GPT, GPTConfig, plain_config, sample_depth
+from sample import load_checkpoint
 
 # -- settings, overridden by --key=value (configurator.py) -------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'

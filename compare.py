@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import prepare
 import train
 from configurator import configure
-from model import init_state, load_checkpoint
+from model import init_state
+from sample import load_checkpoint
 
 # -----------------------------------------------------------------------------
 # compare.py's own keys; every train.py key (and config file) is accepted too and passed on to the training runs

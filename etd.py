@@ -20,7 +20,8 @@ from torch.nn import functional as F
 
 import prepare
 from configurator import checked, configure
-from model import GPT, load_checkpoint, plain_config
+from model import GPT, plain_config
+from sample import load_checkpoint
 
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 STAGES = ('prelude', 'loop', 'coda')

@@ -19,6 +19,7 @@ import re
 import sys
 import time
 import types
+import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 
 import prepare
 from configurator import DTYPES, check, check_device, configure, sync
-from model import EXIT_RULES, load_checkpoint
+from model import EXIT_RULES, GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/<file>.py and --key=value (configurator.py; a bare --flag = True)
@@ -72,6 +73,36 @@ CONFLICTS = (('speculative', 'exit_threshold', 'every token is verified at the f
 
 
 # -- checks: every impossible value or combination is one line, before any work ---------------------------------------
+def load_checkpoint(path, device='cpu'):
+    """(GPT in eval mode, the whole checkpoint dict) from train.py's ckpt.pt or the out_dir holding one. The one
+    loader every script uses: weights_only=True (a checkpoint cannot run code), and every bad file is one ValueError
+    naming it, what is wrong and what to do."""
+    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; a truncated one loses its directory at the end
+        raise ValueError(f"checkpoint {file} cannot be read: it is truncated, damaged or not a checkpoint (not the "
+                         f"zip archive torch.save writes); use another checkpoint or train again")
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as err:  # truncated, random or foreign files raise many types; all mean "not a checkpoint"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        if 'weights only' in reason.lower():  # never pass on torch's advice to retry with weights_only=False
+            reason = 'it holds objects other than tensors and plain values, refused because loading them runs code'
+        raise ValueError(f"checkpoint {file} cannot be read ({reason}); it is damaged or not written by "
+                         f"train.py: use another checkpoint or train again") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('model_args'), dict)):
+        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected a dict with 'model' and "
+                         f"'model_args', as train.py writes")
+    try:
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {file} does not fit this model.py ({str(err).splitlines()[0][:160]}); it "
+                         f"was written by another version of nanoloop") from None
+    return model.to(device).eval(), ckpt
+
+
 def check_flags(cfg):
     check(vars(cfg), CHECKS)
     for a, b, why in CONFLICTS:

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 import prepare
 from configurator import DTYPES, check, check_device, configure
-from model import EXIT_RULES, GPT, GPTConfig, load_checkpoint, sample_depth
-from sample import depth_sweep
+from model import EXIT_RULES, GPT, GPTConfig, sample_depth
+from sample import depth_sweep, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: these ARE the CPU demo (`python train.py`, a few minutes on 2 cores)
@@ -199,7 +199,7 @@ def model_args(cfg, vocab_size):
 
 
 def init_model(cfg, meta):
-    """(model, checkpoint to resume or None): cfg's new model, or init_from's checkpoint (model.load_checkpoint)."""
+    """(model, checkpoint to resume or None): cfg's new model, or init_from's checkpoint (sample.load_checkpoint)."""
     if cfg.init_from == 'scratch':
         check_data(cfg, cfg.block_size)
         return GPT(GPTConfig(**model_args(cfg, vocabulary(meta)['vocab_size']))), None

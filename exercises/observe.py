@@ -9,7 +9,8 @@ import etd
 import model
 import prepare
 from exercises.check import ROOT, swapped
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig
+from sample import load_checkpoint
 
 
 def random_model(std=None, **overrides):

@@ -13,7 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import etd  # noqa: E402
-from model import GPT, load_checkpoint, plain_config  # noqa: E402
+from model import GPT, plain_config  # noqa: E402
+from sample import load_checkpoint  # noqa: E402
 
 TOL = 1e-5  # fp32 identity tolerance of the issue: a missed transpose or exact GELU shows far above it
 
@@ -267,7 +268,7 @@ def test_cli_prints_the_curve_and_the_chosen_split(tmp_path, capsys):
 
 def test_converter_writes_a_checkpoint_the_one_loader_reads(tmp_path):
     """--out_dir gets ckpt.pt in train.py's format (model, model_args, config, iter_num 0, no optimizer) that
-    model.load_checkpoint reads into the base model's function at r = 1, and etd_split.json with the curve."""
+    sample.load_checkpoint reads into the base model's function at r = 1, and etd_split.json with the curve."""
     base = plain_checkpoint(tmp_path / 'ckpt.pt')
     out = tmp_path / 'etd'
     model, info = etd.run(init_from=str(tmp_path / 'ckpt.pt'), out_dir=str(out), split='1,2,1', dataset='tiny',

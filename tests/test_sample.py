@@ -116,7 +116,7 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
                  '--num_samples=2', '--max_new_tokens=12', '--exit_threshold=1e-2', '--temperature=1.0'])
     lines = capsys.readouterr().out.rstrip('\n').split('\n')
     assert len(lines) == 4 and lines[1].startswith('--- sample 1/2') and lines[3].startswith('--- sample 2/2'), lines
-    gpt, _ = model_module.load_checkpoint(str(ckpt_dir / 'out'))
+    gpt, _ = sample.load_checkpoint(str(ckpt_dir / 'out'))
     x = torch.tensor([[CHARS.index(c) for c in 'a[b\\']])
     generator = torch.Generator().manual_seed(7)
     for line in (lines[0], lines[2]):
