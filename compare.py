@@ -1,40 +1,30 @@
 """
-Does thinking longer pay? Train the looped model and its plain twins on the same data, steps and seed, evaluate them
-on the same batches, and print one table by test-time depth r. Every claim about the loop rests on this comparison.
+Does thinking longer pay? Train the looped model and its plain twins with train.py on the same data, steps and seed,
+evaluate them on the same batches, and print one table by test-time depth r. Every claim about the loop rests on it.
 
-    python compare.py                                 # CPU demo: looped vs plain twin on shakespeare_char
-    python compare.py config/showcase.py              # depth showcase: prefix sums, accuracy per position vs r
-    python compare.py --seeds=1337,1338 --jobs=1      # two seeds; one training run at a time
+    python compare.py                                 # CPU demo: looped vs plain twins on shakespeare_char
+    python compare.py config/showcase.py --seeds=1337,1338  # depth showcase: two seeds, accuracy per position vs r
     python compare.py --diagnose=out                  # what the loop of a trained checkpoint does with its state
-
-The twins share every choice but the loop (blocks, norms, positions, data, steps, seed): 'params' is a plain GPT with
-the looped model's layers run once (the same parameters), 'flops' a plain GPT as deep as the looped model runs at
-mean_depth (the same inference FLOPs). Each run is `python train.py` in its own out_dir (see out_dir/<model>-<seed>/
-train.log); a finished run with the same settings is reused. Any train.py key can be given here too.
 """
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import prepare
 import train
 from configurator import configure
-from model import init_state
-from sample import load_checkpoint
+from model import check, init_state
+from sample import depth_sweep, load_checkpoint, val_loss
 
-# -----------------------------------------------------------------------------
-# compare.py's own keys; every train.py key (and config file) is accepted too and passed on to the training runs
-OWN = dict(
+OWN = dict(  # compare.py's own keys; every train.py key (and config file) is accepted too and passed on to the runs
     models='looped,params,flops',  # which to train: looped, params (plain, same parameters), flops (plain, same FLOPs)
     seeds='1337',            # comma-separated training seeds; the table shows each and their mean
     jobs=2,                  # training runs at once (one thread each on CPU; 2 suits a 2-core laptop)
@@ -44,25 +34,28 @@ OWN = dict(
     plot=False,              # also write out_dir/compare.png (needs matplotlib)
 )
 OWN_OUT = 'out-compare'      # the default out_dir of compare runs (train.py's default 'out' stays the user's)
+KINDS = {'looped': 'looped {n_prelude}+{n_loop}xr+{n_coda}', 'params': 'plain {n_loop} layers (same params)',
+         'flops': 'plain {n_loop} layers (same FLOPs)'}  # each model's name in the tables, from its train.py settings
+CHECKS = {  # key: (what is allowed, test) for compare.py's own keys; train.check_config checks train.py's
+    'models': (f"a comma-separated subset of {', '.join(KINDS)}", lambda v: set(v.split(',')) <= set(KINDS)),
+    'seeds': ('comma-separated integers >= 0, e.g. 1337,1338', lambda v: all(s.isdecimal() for s in v.split(','))),
+    'depths': ("'' or comma-separated integers >= 1, e.g. 1,2,4",
+               lambda v: not v or all(d.isdecimal() and int(d) >= 1 for d in v.split(','))),
+    **dict.fromkeys(('jobs', 'eval_batches'), ('an integer >= 1', lambda v: v >= 1)),
+    'plot': ('False, or True with matplotlib installed', lambda v: not v or importlib.util.find_spec('matplotlib')),
+}
 PLAIN = dict(n_prelude=0, n_coda=0, mean_depth=1, max_depth=1, backprop_depth=1, fixed_depth=True, inject='none',
              init_state='embed', norm_state=False)  # model.plain_config's choices, as train.py keys
 
-# -----------------------------------------------------------------------------
-# the twins
 
-
-def twin_overrides(cfg, kind):
-    """train.py settings of model `kind` for config cfg: the looped model as configured, or a plain GPT."""
-    if kind == 'looped':
-        return {}
-    layers = {'params': cfg['n_loop'], 'flops': cfg['mean_depth'] * cfg['n_loop']}[kind]
-    return dict(PLAIN, n_loop=cfg['n_prelude'] + layers + cfg['n_coda'])
-
-
+# -- the twins, each trained by train.py in a subprocess ---------------------------------------------------------------
 def run_settings(cfg, kind, seed):
-    """The complete train.py config of one run (only train.py's keys)."""
+    """The complete train.py config of one run: the looped model as configured, or one of its plain twins."""
     settings = {k: cfg[k] for k in train.DEFAULTS}
-    settings.update(twin_overrides(cfg, kind), seed=seed, always_save_checkpoint=True, sample_tokens=0,
+    if kind != 'looped':  # the looped model's layers run once, or as many layers as it runs at mean_depth
+        layers = cfg['n_loop'] if kind == 'params' else cfg['mean_depth'] * cfg['n_loop']
+        settings.update(PLAIN, n_loop=cfg['n_prelude'] + layers + cfg['n_coda'])
+    settings.update(seed=seed, always_save_checkpoint=True, sample_tokens=0,
                     out_dir=os.path.join(cfg['out_dir'], f'{kind}-{seed}'))
     return settings
 
@@ -73,131 +66,96 @@ def is_finished(settings):
     if not os.path.exists(path):
         return False
     _, ckpt = load_checkpoint(path)
-    keys = [k for k in settings if k != 'overwrite']
-    same = all(ckpt['config'].get(k) == settings[k] for k in keys)
+    same = all(ckpt['config'].get(k) == v for k, v in settings.items() if k != 'overwrite')
     return same and ckpt['iter_num'] == settings['max_iters']
 
 
-def command(settings):
-    """The train.py command line of a run: every key that differs from train.py's default."""
+def train_one(name, settings):
+    """`python train.py` with each key that differs from its default, the output in out_dir/train.log."""
     args = [f'--{k}={v}' for k, v in settings.items() if v != train.DEFAULTS[k]]
-    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), *args]
+    # one thread a run on CPU: a tiny model gains nothing from a second, and waiting for a busy core slows it a lot
+    env = dict(os.environ, OMP_NUM_THREADS='1') if settings['device'] == 'cpu' else None
+    print(f"training {name}: train.py {' '.join(args)}", flush=True)
+    os.makedirs(settings['out_dir'], exist_ok=True)
+    with open(os.path.join(settings['out_dir'], 'train.log'), 'w') as log:
+        run = subprocess.run([sys.executable, train.__file__, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if run.returncode:
+        raise ValueError(f"training {name} failed; see {settings['out_dir']}/train.log")
 
 
-def train_all(runs, jobs, device):
-    """Run the training commands, `jobs` at a time. One thread per run on CPU: tiny models gain nothing from a second
-    thread, and one that waits for a busy core slows a run many times over."""
-    env = dict(os.environ, OMP_NUM_THREADS='1') if device == 'cpu' else dict(os.environ)
-    pending, running = list(runs.items()), {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, settings = pending.pop(0)
-            os.makedirs(settings['out_dir'], exist_ok=True)
-            log = open(os.path.join(settings['out_dir'], 'train.log'), 'w')
-            print(f"training {name}: {' '.join(command(settings)[1:])}", flush=True)
-            running[name] = (subprocess.Popen(command(settings), stdout=log, stderr=subprocess.STDOUT, env=env),
-                             time.time(), log)
-        time.sleep(0.5)
-        for name, (proc, t0, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[name]
-                if proc.returncode:
-                    raise ValueError(f"training {name} failed; see {runs[name]['out_dir']}/train.log")
-                print(f"  {name} done in {time.time() - t0:.0f} s", flush=True)
-
-# -----------------------------------------------------------------------------
-# evaluation: the same batches and the same initial-state noise for every model
+def train_runs(cfg):
+    """{name: settings} of every run, all checked first, then trained `jobs` at a time unless finished already."""
+    runs = {f'{kind}-{seed}': run_settings(cfg, kind, int(seed))
+            for seed in cfg['seeds'].split(',') for kind in cfg['models'].split(',')}
+    train.check_config(types.SimpleNamespace(**cfg), 1)  # a bad train.py value is one line now, not a failed run later
+    train.ensure_data(types.SimpleNamespace(**cfg))  # once, before the runs that share it
+    todo = {name: settings for name, settings in runs.items() if not is_finished(settings)}
+    with ThreadPoolExecutor(cfg['jobs']) as pool:  # a failure raises after the running runs; queued runs are cancelled
+        list(pool.map(train_one, todo, todo.values()))
+    return runs
 
 
-def test_depths(config):
-    """1, 2, 4, 8, ... up to 4 x max_depth, plus mean_depth and 1, 2 and 4 x the training cap max_depth."""
-    cap = config.max_depth
-    return sorted({2 ** i for i in range(int(math.log2(4 * cap)) + 1)} | {config.mean_depth, cap, 2 * cap, 4 * cap})
-
-
+# -- evaluation: the same batches and the same initial-state noise for every model (sample.depth_sweep) ---------------
 def buckets(length):
     """Difficulty groups of a task by position (the number of sequential steps): 1-4, 5-8, 9-16, 17-32, ..."""
-    edges, lo = [], 1
-    while lo <= length:
-        edges.append((lo, min(4 if lo == 1 else 2 * (lo - 1), length)))
-        lo = edges[-1][1] + 1
-    return edges
+    ends = sorted({min(2 ** k, length) for k in range(2, length.bit_length() + 2)})  # 4, 8, 16, ..., length
+    return list(zip([1] + [end + 1 for end in ends[:-1]], ends))
 
 
-def test_set(path, length, batch_size=256):
-    """A task's whole test set (val.bin, disjoint from train) in order, as (x, y) batches: every example counts."""
+def test_data(cfg, batch_size=256):
+    """(batches, metric, difficulty groups or None). A text: eval_batches fixed val batches, scored by val loss. A
+    task: its whole test set in order (val.bin, disjoint from train), scored by accuracy (%) per difficulty group."""
+    path = prepare.dataset_dir(cfg['dataset'], cfg['data_dir'])
+    meta = prepare.read_meta(path)
+    length, first = meta.get('example_len'), int(meta.get('bos', False))  # a BOS column is no difficulty: not scored
+    if not length:
+        c = types.SimpleNamespace(**dict(cfg, eval_iters=cfg['eval_batches']))
+        return train.eval_batches(c, 'val', 'cpu'), val_loss, None
     x, y = (torch.from_numpy(np.fromfile(os.path.join(path, f), dtype=np.uint16).astype(np.int64)).view(-1, length)
             for f in ('val.bin', 'val_targets.bin'))
-    return list(zip(x.split(batch_size), y.split(batch_size)))
+    groups = buckets(length - first)
+
+    def accuracy(logits, targets):  # (len(groups),): position t is column first + t - 1
+        correct = 100 * (logits.argmax(-1) == targets)[:, first:].float()
+        return torch.stack([correct[:, a - 1:b].mean() for a, b in groups])
+    return list(zip(x.split(batch_size), y.split(batch_size))), accuracy, groups
 
 
+def evaluate(model, batches, depths, metric, exit_threshold=5e-4, exit_rule='kl'):
+    """{r or 'adaptive': (metric, mean iterations per token)}; a plain model is evaluated at r = 1 only. depths=None:
+    1, 2, 4, 8, ... up to 4 x max_depth, plus mean_depth and 1, 2 and 4 x the training cap max_depth."""
+    mean, cap, plain = model.config.mean_depth, model.config.max_depth, model.config.max_depth == 1
+    depths = depths or sorted({2 ** i for i in range((4 * cap).bit_length())} | {mean, cap, 2 * cap, 4 * cap})
+    rows = depth_sweep(model, batches, [1] if plain else depths, [] if plain else [exit_threshold], exit_rule, metric)
+    return {row['r'] if row['eps'] is None else 'adaptive': (row['value'], row['mean_iterations']) for row in rows}
+
+
+# -- diagnostics: does the loop read its state? (Huginn §4.3: a failed loop learned "to ignore the incoming state")
 @torch.no_grad()
-def score(model, batches, num_steps=None, exit_threshold=None, max_steps=None):
-    """(val loss, correct (N, T) bool, mean iterations) over the batches, at r = num_steps or by adaptive exit."""
-    losses, correct, iters = [], [], []
-    for x, y in batches:
-        torch.manual_seed(0)  # the same noise s_0 for every model and depth
-        if exit_threshold is None:
-            logits, loss = model(x, y, num_steps=num_steps)
-            depth = torch.full(x.shape, num_steps)
-        else:
-            logits, loss, depth = model.adaptive_forward(x, y, exit_threshold, num_steps=max_steps)
-        losses.append(loss.item())
-        correct.append(logits.argmax(-1) == y)
-        iters.append(depth.float().mean().item())
-    n = len(batches)
-    return sum(losses) / n, torch.cat(correct), sum(iters) / n
-
-
-def evaluate(model, batches, depths, cfg, first=0):
-    """{r or 'adaptive': (loss, correct (N, T - first), mean iterations)}; a plain model is evaluated at r = 1 only.
-    first: leading columns left out of `correct` (a task's BOS token)."""
-    plain = model.config.max_depth == 1
-    rows = {r: score(model, batches, r) for r in ([1] if plain else depths)}
-    if not plain:
-        rows['adaptive'] = score(model, batches, exit_threshold=cfg['exit_threshold'], max_steps=max(depths))
-    return {r: (loss, correct[:, first:], iters) for r, (loss, correct, iters) in rows.items()}
-
-# -----------------------------------------------------------------------------
-# diagnostics: does the loop use its state? (Huginn §4.3: a failed loop "learned early to ignore the incoming state")
-
-
-@torch.no_grad()
-def diagnose(model, x, depths=None):
-    """How a trained loop uses its state, on token batch x (B, T), from two random initial states s_0 and s_0':
-    - s0_effect[r]: total-variation distance of the next-token distributions after r iterations from s_0 vs s_0'.
-      Near 0 already at r = 1: the output does not depend on the state, the loop ignores it. Large at r = 1 and
-      shrinking with r: the loop reads its state and converges to the same answer from anywhere (Huginn's aim).
-    - step[i]: relative move ||s_i - s_{i-1}|| / ||s_i|| of iteration i; 0 from i = 2 on means the loop computed
-      everything from e in its first iteration and then stood still.
-    - state_share: the concat adapter's weight norm on the state half of [s; e] over the whole (add: 0.5 by design).
-    - state_scale: RMS of s over RMS of e where they meet (s_0, then after the last iteration): a state much smaller
-      than e is drowned by the injection."""
-    cfg = model.config
-    depths = depths or list(range(1, 2 * cfg.mean_depth + 1))
+def diagnose(model, x):
+    """How a trained loop uses its state, on tokens x (B, T), from two random initial states s_0, s_0': the total
+    variation of their outputs after r = 1 .. 2 x mean_depth iterations (near 0 at r = 1: s_0 is ignored), each
+    iteration's relative move, the injection's weight on the state, and RMS(s) / RMS(e) (a small s drowns in e)."""
     e = model.prelude(x)
-    noise = lambda seed: init_state(e, 'noise', cfg.state_std, torch.Generator().manual_seed(seed))
-    runs = [[noise(seed)] for seed in (0, 1)]  # [s_0, s_1, ..., s_r] from two starting points
-    for states in runs:
-        for _ in range(max(depths)):
+    runs = [[init_state(e, 'noise', model.config.state_std, torch.Generator().manual_seed(seed))] for seed in (0, 1)]
+    for states in runs:  # [s_0, s_1, ..., s_r] from each starting point
+        for _ in range(2 * model.config.mean_depth):
             states.append(model.loop_step(states[-1], e))
-    probs = [[F.softmax(model.coda(s).float(), -1) for s in states] for states in runs]
+    probs = [[model.coda(s).float().softmax(-1) for s in states] for states in runs]
     states = runs[0]
-    rms = lambda t: t.float().pow(2).mean().sqrt().item()
     return dict(
-        s0_effect={r: 0.5 * (probs[0][r] - probs[1][r]).abs().sum(-1).mean().item() for r in depths},
+        s0_effect={r: 0.5 * (probs[0][r] - probs[1][r]).abs().sum(-1).mean().item() for r in range(1, len(states))},
         step={i: ((states[i] - states[i - 1]).norm() / states[i].norm()).item() for i in range(1, len(states))},
         state_share=adapter_share(model),
-        state_scale=(rms(states[0]) / rms(e), rms(states[-1]) / rms(e)))
+        state_scale=tuple((s.norm() / e.norm()).item() for s in (states[0], states[-1])))  # = RMS ratio (same shape)
 
 
 def adapter_share(model):
+    """The injection's weight on the state: 0.5 for add (by design), None for none, the concat adapter's share."""
     if model.adapter is None:
         return 0.5 if model.config.inject == 'add' else None
-    w = model.adapter.weight.float()  # (C, 2C): columns [:C] read the state, [C:] the prelude output
-    C = w.size(0)
-    return (w[:, :C].norm() / (w[:, :C].norm() + w[:, C:].norm())).item()
+    state, e = model.adapter.weight.float().chunk(2, dim=1)  # (C, 2C): the columns that read s, then those of e
+    return (state.norm() / (state.norm() + e.norm())).item()
 
 
 def ignores_state(d, tol=1e-3):
@@ -207,154 +165,102 @@ def ignores_state(d, tol=1e-3):
 
 def format_diagnosis(d):
     share = 'n/a (no injection)' if d['state_share'] is None else f"{d['state_share']:.2f}"
-    lines = ['loop diagnostics (two random initial states, the same tokens):',
-             '  r                      ' + ' '.join(f'{r:>6}' for r in d['s0_effect']),
-             '  effect of s_0 (TV)     ' + ' '.join(f'{v:6.3f}' for v in d['s0_effect'].values()),
-             '  state move |ds|/|s|    ' + ' '.join(f'{v:6.3f}' for v in d['step'].values()),
-             f"  adapter weight on the state: {share}; RMS(s)/RMS(e): s_0 {d['state_scale'][0]:.2f}, "
-             f"final {d['state_scale'][1]:.2f}"]
     first = d['s0_effect'][min(d['s0_effect'])]
     verdict = ('the loop IGNORES its state: the output does not depend on s_0 and the state stops after one '
                'iteration (Huginn §4.3)' if ignores_state(d) else
                f'the loop barely reads its state: s_0 moves the output by TV {first:.3f} < 0.01 after one iteration'
                if first < 0.01 else 'the loop uses its state: the output depends on s_0 at small r')
-    return '\n'.join(lines + ['  verdict: ' + verdict])
-
-# -----------------------------------------------------------------------------
-# tables
-
-
-def label(kind, config):
-    if kind == 'looped':
-        return f'looped {config.n_prelude}+{config.n_loop}xr+{config.n_coda}'
-    return f"plain {config.n_loop} layers ({'same params' if kind == 'params' else 'same FLOPs'})"
+    return '\n'.join(['loop diagnostics (two random initial states, the same tokens):',
+                      '  r                      ' + ' '.join(f'{r:>6}' for r in d['s0_effect']),
+                      '  effect of s_0 (TV)     ' + ' '.join(f'{v:6.3f}' for v in d['s0_effect'].values()),
+                      '  state move |ds|/|s|    ' + ' '.join(f'{v:6.3f}' for v in d['step'].values()),
+                      f"  adapter weight on the state: {share}; RMS(s)/RMS(e): s_0 {d['state_scale'][0]:.2f}, "
+                      f"final {d['state_scale'][1]:.2f}", f'  verdict: {verdict}'])
 
 
+# -- tables and plot ---------------------------------------------------------------------------------------------------
 def with_means(results):
-    """results plus, for each model run with several seeds, a 'mean' row averaging loss, accuracy and iterations."""
-    out, groups = dict(results), {}
-    for name, res in results.items():
-        groups.setdefault(name.rsplit(' s', 1)[0], []).append(res)
-    for model, runs in groups.items():
-        if len(runs) > 1:
-            rows = {r: tuple(mean_of([run['rows'][r][i] for run in runs]) for i in range(3)) for r in runs[0]['rows']}
-            out[f'{model} mean'] = dict(runs[0], wall=sum(run['wall'] for run in runs) / len(runs), rows=rows)
+    """results plus, for each model run with several seeds, a 'mean' row averaging metric, iterations and wall time."""
+    out = dict(results)
+    for model in dict.fromkeys(res['model'] for res in results.values()):
+        seeds = [res for res in results.values() if res['model'] == model]
+        if len(seeds) > 1:  # zip pairs up the seeds' metrics, then their iterations, at depth r
+            rows = {r: [sum(v) / len(seeds) for v in zip(*(s['rows'][r] for s in seeds))] for r in seeds[0]['rows']}
+            out[f'{model} mean'] = dict(seeds[0], wall=sum(s['wall'] for s in seeds) / len(seeds), rows=rows)
     return out
 
 
-def mean_of(values):
-    return torch.stack([v.float() for v in values]).mean(0) if torch.is_tensor(values[0]) else sum(values) / len(values)
-
-
-def loss_table(results, depths):
+def loss_table(results):
     """Val loss by depth: one row per model and seed, and the mean over seeds."""
-    cols = [*depths, 'adaptive']
-    lines = [f"{'model':<36}{'params':>7}{'train s':>8}" + ''.join(f'{"r=" + str(r):>8}' for r in cols[:-1])
+    depths = sorted({r for res in results.values() for r in res['rows'] if r != 'adaptive'})
+    lines = [f"{'model':<36}{'params':>7}{'train s':>8}" + ''.join(f'{"r=" + str(r):>8}' for r in depths)
              + f"{'adaptive (it/token)':>22}"]
     for name, res in with_means(results).items():
         cells = [f"{res['rows'][r][0]:8.4f}" if r in res['rows'] else ' ' * 8 for r in depths]
-        loss, _, iters = res['rows'].get('adaptive', (None, None, None))
+        loss, iters = res['rows'].get('adaptive', (None, None))
         cells.append(f'{loss:14.4f} ({iters:.2f})' if loss is not None else '')
         lines.append(f"{name:<36}{res['params'] / 1e6:>6.2f}M{res['wall']:>8.0f}" + ''.join(cells))
     return '\n'.join(lines)
 
 
-def accuracy_table(results, length):
-    """Accuracy (%) per difficulty bucket (position), one row per model, seed and depth."""
-    groups = buckets(length)
+def accuracy_table(results, groups):
+    """Accuracy (%) per difficulty group, one row per model, seed and depth."""
     lines = [f"{'model':<36}{'r':>10}" + ''.join(f'{f"{a}-{b}":>8}' for a, b in groups)]
     for name, res in with_means(results).items():
-        for r, (_, correct, iters) in res['rows'].items():
-            acc = [100 * correct[:, a - 1:b].float().mean().item() for a, b in groups]
+        for r, (accuracy, iters) in res['rows'].items():
             r_text = f'exit {iters:.1f}' if r == 'adaptive' else str(r)
-            lines.append(f'{name:<36}{r_text:>10}' + ''.join(f'{v:8.1f}' for v in acc))
+            lines.append(f'{name:<36}{r_text:>10}' + ''.join(f'{v:8.1f}' for v in accuracy.tolist()))
     return '\n'.join(lines)
 
 
-def save_plot(results, path, length):
-    import matplotlib
-    matplotlib.use('Agg')
+def save_plot(results, path, groups):
+    """Val loss, or a task's accuracy on its hardest group, against r; a plain twin is a dashed line."""
     import matplotlib.pyplot as plt
+    plt.switch_backend('Agg')  # files only, no display needed
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, res in results.items():
         rs = [r for r in res['rows'] if r != 'adaptive']
-        if length:  # accuracy on the hardest bucket
-            a, b = buckets(length)[-1]
-            ys = [100 * res['rows'][r][1][:, a - 1:b].float().mean().item() for r in rs]
-        else:
-            ys = [res['rows'][r][0] for r in rs]
+        ys = [float(res['rows'][r][0][-1] if groups else res['rows'][r][0]) for r in rs]
         ax.plot(rs, ys, marker='o', label=name) if len(rs) > 1 else ax.axhline(ys[0], ls='--', label=name)
     ax.set_xscale('log', base=2)
-    ax.set_xlabel('test-time iterations r')
-    ax.set_ylabel(f'accuracy % at positions {a}-{b}' if length else 'val loss')
+    ax.set(xlabel='test-time depth r', ylabel='accuracy %% at positions %d-%d' % groups[-1] if groups else 'val loss')
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-# -----------------------------------------------------------------------------
-
-
-def int_list(cfg, key):
-    """'1337,1338' -> [1337, 1338], or one line naming the key."""
-    try:
-        return [int(v) for v in str(cfg[key]).split(',')]
-    except ValueError:
-        raise ValueError(f"{key}={cfg[key]!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    fig.savefig(path, dpi=120, bbox_inches='tight')
 
 
 def compare(cfg):
-    kinds, seeds = cfg['models'].split(','), int_list(cfg, 'seeds')
-    bad = [k for k in kinds if k not in ('looped', 'params', 'flops')]
-    if bad or not kinds:
-        raise ValueError(f"models={cfg['models']!r}: expected a comma-separated subset of looped, params, flops")
-    runs = {f'{k}-{s}': run_settings(cfg, k, s) for s in seeds for k in kinds}
-    todo = {name: st for name, st in runs.items() if not is_finished(st)}
-    train_all(todo, cfg['jobs'], cfg['device'])
-    path = prepare.dataset_dir(cfg['dataset'], cfg['data_dir'])
-    meta = prepare.read_meta(path)
-    length, first = meta.get('example_len'), int(meta.get('bos', False))  # a BOS column is no difficulty
-    batches = test_set(path, length) if length else train.eval_batches(
-        types_ns(cfg, eval_iters=cfg['eval_batches']), 'val', 'cpu')
-    results = {}
+    """Train what is not trained yet, evaluate every run on the same data, print the table and the loop diagnostics."""
+    runs = train_runs(cfg)
+    batches, metric, groups = test_data(cfg)
+    results, diagnoses = {}, []
     for name, settings in runs.items():
-        model, ckpt = load_checkpoint(settings['out_dir'])
-        depths = int_list(cfg, 'depths') if cfg['depths'] else test_depths(model.config)
+        model, _ = load_checkpoint(settings['out_dir'])
+        depths = [int(d) for d in cfg['depths'].split(',')] if cfg['depths'] else None
         with open(os.path.join(settings['out_dir'], 'log.jsonl')) as f:  # the run's own clock, fresh or reused
             wall = json.loads(f.readlines()[-1])['time_s']
-        results[f"{label(name.split('-')[0], model.config)} s{settings['seed']}"] = dict(
-            params=model.get_num_params(), wall=wall, rows=evaluate(model, batches, depths, cfg, first), depths=depths)
-    length = length and length - first
-    looped = [r for r in results.values() if len(r['rows']) > 1]
-    depths = looped[0]['depths'] if looped else [1]
-    print(accuracy_table(results, length) if length else loss_table(results, depths))
-    for name, settings in runs.items():
+        kind = KINDS[name.split('-')[0]].format(**settings)
+        rows = evaluate(model, batches, depths, metric, cfg['exit_threshold'], cfg['exit_rule'])
+        results[f"{kind} s{settings['seed']}"] = dict(model=kind, params=model.get_num_params(), wall=wall, rows=rows)
         if name.startswith('looped'):
-            model, _ = load_checkpoint(settings['out_dir'])
-            print(f'{name}: ' + format_diagnosis(diagnose(model, batches[0][0])))
+            diagnoses.append(f'{name}: ' + format_diagnosis(diagnose(model, batches[0][0])))
+    print('\n'.join([accuracy_table(results, groups) if groups else loss_table(results), *diagnoses]))
     if cfg['plot']:
-        save_plot(results, os.path.join(cfg['out_dir'], 'compare.png'), length)
+        save_plot(results, os.path.join(cfg['out_dir'], 'compare.png'), groups)
     return results
 
 
-def types_ns(cfg, **overrides):
-    return types.SimpleNamespace(**{**cfg, **overrides})
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = configure({**train.DEFAULTS, **OWN, 'out_dir': OWN_OUT}, argv)
+        cfg = configure({**train.DEFAULTS, **OWN, 'out_dir': OWN_OUT}, sys.argv[1:] if argv is None else argv)
+        check(cfg, CHECKS)
         if cfg['device'] == 'cpu':  # tiny models: a second thread only waits (and training runs use the cores)
             torch.set_num_threads(1)
-        if cfg['diagnose']:
+        if cfg['diagnose']:  # any checkpoint, on the first batch of its data that compare evaluates on
             model, ckpt = load_checkpoint(cfg['diagnose'])
-            c = types_ns({**train.DEFAULTS, **ckpt['config']}, batch_size=8, eval_iters=1)
-            print(format_diagnosis(diagnose(model, train.eval_batches(c, 'val', 'cpu')[0][0])))
-            return
-        if cfg['plot'] and importlib.util.find_spec('matplotlib') is None:
-            raise ValueError("plot=True needs the optional package matplotlib: pip install matplotlib")
-        train.ensure_data(types_ns(cfg))
-        compare(cfg)
+            batches, _, _ = test_data({**cfg, **ckpt.get('config', {}), 'eval_batches': 1})
+            print(format_diagnosis(diagnose(model, batches[0][0])))
+        else:
+            compare(cfg)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

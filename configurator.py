@@ -69,13 +69,6 @@ def read_config_file(path):
             if not k.startswith('_') and not isinstance(v, types.ModuleType) and not callable(v)}
 
 
-def check(cfg, rules):
-    """The first value of cfg (a dict) its rule refuses, as one line; rules: {key: (what is allowed, test)}."""
-    for key, (allowed, ok) in rules.items():
-        if not ok(cfg[key]):
-            raise ValueError(f"{key}={cfg[key]!r} is not allowed: expected {allowed}")
-
-
 def check_device(device, dtype='float32'):
     """device exists on this machine and dtype runs there (CPU autocast runs bfloat16: float16 is GPU only)."""
     if dtype not in DTYPES:

@@ -1,14 +1,10 @@
-"""
-ETD (Koishekenov et al., arXiv 2510.07358; METHOD.md §4) as a converter: a pretrained plain GPT becomes prelude ->
+"""ETD (Koishekenov et al., arXiv 2510.07358; METHOD.md §4) as a converter: a pretrained plain GPT becomes prelude ->
 loop x r -> coda (ETD's encoder / thinking block / decoder), cut at the knees of its angular-distance curve, every
 weight kept and none added. It writes an ordinary checkpoint, exactly the base at r = 1, for train.py to mid-train.
-
-  python etd.py --init_from=out-etd-base --out_dir=out-etd        # curve, split at its knees, out-etd/ckpt.pt
-  python train.py config/etd_midtrain_shakespeare_char.py          # mid-train it: init_from='out-etd/ckpt.pt'
+  python etd.py --init_from=out-etd-base --out_dir=out-etd        # curve, knees, out-etd/ckpt.pt for train.py
   python etd.py --init_from=gpt2 --dataset=openwebtext --split=1,10,1 --out_dir=out-gpt2  # pip install transformers
   python etd.py --init_from=out-etd-base --after=out-etd-mid --eval_depths=1,2,4,8        # val loss before / after
 """
-
 import dataclasses
 import json
 import math
@@ -16,24 +12,22 @@ import os
 import sys
 
 import torch
-from torch.nn import functional as F
 
 import prepare
+import train
 from configurator import checked, configure
-from model import GPT, plain_config
-from sample import load_checkpoint
+from model import GPT, check, plain_config
+from sample import depth_sweep, load_checkpoint
 
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 STAGES = ('prelude', 'loop', 'coda')
 # GPT-2's Conv1D stores its weight as (in, out), nn.Linear as (out, in); the square attention projection too (§4)
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-# a plain nanoloop checkpoint was trained at r = 1 without injection or state norm: an ordinary GPT (§1)
-PLAIN = dict(inject='none', init_state='embed', norm_state=False, max_depth=1, router=False)
-# the GPTConfig fields a conversion may set; everything else (sizes, blocks, positions) comes from the base model
-SETTABLE = ('mean_depth', 'max_depth', 'backprop_depth', 'dropout', 'router', 'router_cost')
+PLAIN = dict(inject='none', init_state='embed', norm_state=False, max_depth=1, router=False)  # an ordinary GPT (§1)
+SETTABLE = train.MIDTRAIN  # the depth settings a conversion may set; every other field is the base's
 
 
-# 1. Where the prelude ends and the coda starts: angular distance between layers, and its knees (§4, steps 1-3)
+# -- 1. where the prelude ends and the coda starts: angular distance between layers and its knees (§4, steps 1-3) ------
 @torch.no_grad()
 def hidden_states_per_layer(model, idx):
     """The residual stream of a base (its blocks all in the loop) before and after every block: (L + 1, B, T, C)."""
@@ -44,10 +38,9 @@ def hidden_states_per_layer(model, idx):
 
 
 def angular_distances(hidden_states, last_token=True):
-    """d(l, l+1) = arccos(cos(h_l, h_{l+1})) / pi per block (0: direction kept, 1: reversed), averaged over the last
-    token of each sequence as ETD does (after Gromov et al. 2024), or over every token. (L + 1, B, T, C) -> (L,)"""
+    """d(l, l+1) = arccos(cos(h_l, h_{l+1})) / pi per block, over last tokens (ETD) or all: (L+1, B, T, C) -> (L,)"""
     h = hidden_states[:, :, -1:] if last_token else hidden_states
-    cos = F.cosine_similarity(h[:-1].double(), h[1:].double(), dim=-1)  # (L, B, T'); float64: arccos is steep near 1
+    cos = torch.cosine_similarity(h[:-1].double(), h[1:].double(), dim=-1)  # (L, B, T'); float64: arccos is steep at 1
     return (torch.arccos(cos.clamp(-1, 1)) / math.pi).flatten(1).mean(1)
 
 
@@ -59,8 +52,7 @@ def layer_curve(model, batches, last_token=True):
 
 
 def find_knee(curve):
-    """Kneedle (Satopaa et al. 2011) for a falling curve, axes scaled to [0, 1]: the index farthest below the chord from
-    (0, 1) to (1, 0), where the steep drop turns flat (0 for a flat curve). A late rise lies above the chord."""
+    """Kneedle (Satopaa et al. 2011), axes scaled to [0, 1]: where the drop flattens, farthest below the chord."""
     y = torch.tensor(curve, dtype=torch.float64)
     x = torch.linspace(0, 1, len(y), dtype=torch.float64)
     y = (y - y.min()) / (y.max() - y.min()) if y.max() > y.min() else torch.zeros_like(y)
@@ -68,49 +60,38 @@ def find_knee(curve):
 
 
 def choose_split(curve, n_layer):
-    """ETD's split (§4): the knee of the curve is the loop's first block, the knee of the reversed curve its last.
-    -> (n_prelude, n_loop, n_coda), always with n_loop >= 1."""
-    if len(curve) != n_layer:
-        raise ValueError(f"the curve has {len(curve)} points, expected one per layer ({n_layer})")
+    """ETD's split (§4): the knee starts the loop, the reversed curve's knee ends it -> (n_prelude, n_loop, n_coda)."""
     first, last = find_knee(curve), n_layer - 1 - find_knee(curve[::-1])
-    # first <= last always (n_loop >= 1): with n = L - 1, the two knees maximise -i/n - y_i and i/n - y_i; if first >
-    # last, adding the two "at least as good as the other index" inequalities would give 0 >= 2 (first - last) / n.
+    # first <= last (n_loop >= 1): the knees maximise -i/n - y_i and i/n - y_i (n = L - 1); were first > last, adding
+    # the two "at least as good as the other index" inequalities would give 0 >= 2 (first - last) / n.
     return first, last - first + 1, n_layer - 1 - last
-
-
-def int_list(key, text, ok, allowed):
-    """'1,2,4' (or a sequence) -> [1, 2, 4] if ok(it), else a ValueError of one line naming key, text and allowed."""
-    try:
-        values = [int(v) for v in (text.split(',') if isinstance(text, str) else text)]
-    except (TypeError, ValueError):
-        values = []
-    if not values or not ok(values):
-        raise ValueError(f"{key}={text!r} is not allowed: expected {allowed}")
-    return values
 
 
 def parse_split(split, n_layer):
     """'a,b,c' (or a tuple) -> (n_prelude, n_loop, n_coda) adding up to the base's n_layer, n_loop >= 1."""
-    ok = lambda p: len(p) == 3 and min(p) >= 0 and p[1] >= 1 and sum(p) == n_layer
-    return tuple(int_list('split', split, ok, f"'auto' or 'n_prelude,n_loop,n_coda' adding up to the base model's "
-                                              f"{n_layer} layers, with n_loop >= 1"))
+    try:
+        parts = tuple(int(n) for n in (split.split(',') if isinstance(split, str) else split))
+    except (TypeError, ValueError):  # not numbers, or not a sequence
+        parts = ()
+    if not (len(parts) == 3 and min(parts) >= 0 and parts[1] >= 1 and sum(parts) == n_layer):
+        raise ValueError(f"split={split!r} is not allowed: expected 'auto' or 'n_prelude,n_loop,n_coda' adding up to "
+                         f"the base model's {n_layer} layers, with n_loop >= 1")
+    return parts
 
 
-# 2. The base: a pretrained plain GPT with its L blocks in order in one loop stage (n_prelude = n_coda = 0, r = 1)
+# -- 2. the base, a pretrained plain GPT with its L blocks in one loop stage (r = 1), regrouped (§4, step 4) -----------
 def regroup(config, state_dict, old_split):
-    """A GPT with config's split holding the blocks of state_dict, filed under old_split, in layer order. Only a
-    halting router (config.router, ETD's learned exit) is new."""
+    """A GPT of config's split with state_dict's blocks, filed under old_split, in layer order (a router is new)."""
     names = lambda split: [f'transformer.{stage}.{j}' for stage, n in zip(STAGES, split) for j in range(n)]
     mapping = dict(zip(names(old_split), names((config.n_prelude, config.n_loop, config.n_coda))))
     head = lambda key: '.'.join(key.split('.')[:3])  # 'transformer.loop.3'
     state_dict = {mapping[head(k)] + k[len(head(k)):] if head(k) in mapping else k: v for k, v in state_dict.items()}
     model = GPT(config)
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith('router.')}  # the only new weights
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith('router.')}  # ETD's halting router, if asked
     try:
         model.load_state_dict({**fresh, **state_dict})
-    except RuntimeError as err:  # missing or unexpected keys, or a shape mismatch
-        raise ValueError(f"the pretrained weights do not fit a {config.n_layer}-layer GPT: "
-                         f"{' '.join(str(err).split())[:300]}") from None
+    except RuntimeError as e:  # missing or unexpected keys, or a shape mismatch
+        raise ValueError(f"weights do not fit a {config.n_layer}-layer GPT: {' '.join(str(e).split())[:200]}") from None
     return model.eval()
 
 
@@ -118,79 +99,59 @@ def load_base(source):
     """init_from -> the base: a GPT-2 name or transformers directory, else a plain nanoloop checkpoint (file or dir)."""
     if source in GPT2_NAMES or os.path.isfile(os.path.join(source, 'config.json')):
         return load_gpt2(source)
-    if not os.path.exists(source):
-        raise ValueError(f"init_from={source!r} is not allowed: expected one of {GPT2_NAMES}, a directory saved by "
-                         f"transformers' save_pretrained, or a nanoloop checkpoint (ckpt.pt or the out_dir holding it)")
     model, _ = load_checkpoint(source)  # the one loader: a bad file is one line naming it
     c = model.config
-    wrong = {key: getattr(c, key) for key, value in PLAIN.items() if getattr(c, key) != value}
-    if wrong:
-        raise ValueError(f"{source!r} is not a plain GPT ({wrong}): ETD converts a model trained at r = 1 with "
-                         f"{PLAIN}, e.g. by config/etd_base_shakespeare_char.py")
+    check(vars(c), {key: (repr(want), lambda v, want=want: v == want) for key, want in PLAIN.items()},
+          f"{source!r} is not a plain GPT (trained at r = 1, e.g. by config/etd_base_shakespeare_char.py): ")
     plain = dataclasses.replace(c, n_prelude=0, n_loop=c.n_layer, n_coda=0)
     return regroup(plain, model.state_dict(), (c.n_prelude, c.n_loop, c.n_coda))
 
 
 def load_gpt2(source):
-    """GPT-2 as the base, through the optional transformers (HF_HUB_OFFLINE or a directory: local files only). Our
-    blocks compute it exactly only with tanh GELU, LayerNorm eps 1e-5, a 4x MLP and the tied head (§4)."""
+    """GPT-2 as the base, through the optional transformers (HF_HUB_OFFLINE=1: from its cache only)."""
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
         raise ValueError(f"init_from={source!r} needs transformers (optional): pip install transformers") from None
-    offline = os.path.isdir(source) or os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')
     try:
-        hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=offline).float()
+        hf = GPT2LMHeadModel.from_pretrained(source).float()
     except (OSError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot load GPT-2 weights {source!r}: {reason} (no network? use a directory saved with "
-                         f"save_pretrained, or a machine that can download it once)") from None
-    c = hf.config
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load GPT-2 weights {source!r}: {why} (offline? use a save_pretrained dir)") from None
+    c = hf.config  # our blocks compute GPT-2 exactly only with tanh GELU, LayerNorm eps 1e-5, a 4x MLP, the tied head
     required = dict(activation_function=('gelu_new', 'gelu_pytorch_tanh'), layer_norm_epsilon=(1e-5,),
                     n_inner=(None, 4 * c.n_embd), scale_attn_weights=(True,), scale_attn_by_inverse_layer_idx=(False,),
                     add_cross_attention=(False,), tie_word_embeddings=(True,))
-    wrong = [key for key, allowed in required.items() if getattr(c, key, allowed[0]) not in allowed]
-    if wrong:
-        raise ValueError(f"GPT-2 config {wrong[0]}={getattr(c, wrong[0])!r} is not supported: nanoloop's blocks need "
-                         f"one of {required[wrong[0]]}")
+    rules = {key: (f'one of {allowed}', lambda v, allowed=allowed: v in allowed) for key, allowed in required.items()}
+    check({key: getattr(c, key, allowed[0]) for key, allowed in required.items()}, rules, 'GPT-2 config ')
     state_dict = {key.replace('.h.', '.loop.'): value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
                   for key, value in hf.state_dict().items()
                   if not key.endswith(('.attn.bias', '.attn.masked_bias'))}  # old transformers' causal-mask buffers
-    state_dict['lm_head.weight'] = state_dict['transformer.wte.weight']  # tied embeddings
     config = plain_config(c.n_layer, block_size=c.n_positions, vocab_size=c.vocab_size, n_embd=c.n_embd,
                           n_head=c.n_head, bias=True, norm='pre', pos='learned')  # GPT-2's blocks and positions
     return regroup(config, state_dict, (0, c.n_layer, 0))
 
 
-# 3. The conversion: the same weights, regrouped (§4, step 4)
 def convert(base, split='auto', batches=None, last_token=True, source='', **settings):
-    """ETD (§4) on base = load_base(source): its curve on `batches` (LongTensors (B, T); needed for 'auto'), the split,
-    the blocks regrouped into ETD's loop (inject none, s_0 = e: r = 1 is the base) -> (model, info as etd_split.json).
-    settings: SETTABLE; backprop_depth = max_depth unless set: a truncated loop leaves the prelude no gradient (§3)."""
-    n_layer, context = base.config.n_layer, base.config.block_size
-    unknown = sorted(set(settings) - set(SETTABLE))
-    if unknown:
-        raise ValueError(f"{unknown[0]}={settings[unknown[0]]!r} cannot be set for an ETD conversion (the base model "
-                         f"fixes it); allowed: {SETTABLE}")
-    if batches and max(b.size(1) for b in batches) > context:
-        raise ValueError(f"the sample text has sequences of {max(b.size(1) for b in batches)} tokens, more than the "
-                         f"base model's block_size {context}")
+    """ETD on base = load_base(source): curve on `batches` (LongTensors (B, T)), split, regroup -> (model, info)."""
+    n_layer = base.config.n_layer
+    if unknown := sorted(set(settings) - set(SETTABLE)):
+        raise ValueError(f"{unknown[0]}={settings[unknown[0]]!r} cannot be set: the base fixes it; allowed: {SETTABLE}")
     chosen = None if split == 'auto' else parse_split(split, n_layer)  # a bad split fails before the curve
     if chosen is None and not batches:
-        raise ValueError("split='auto' needs sample text to measure the curve on (batches=[LongTensor (B, T), ...]); "
-                         "else give a manual split 'n_prelude,n_loop,n_coda'")
+        raise ValueError("split='auto' needs sample text (batches=[LongTensor (B, T), ...]), else give 'a,b,c'")
     curve = layer_curve(base, batches, last_token) if batches else None
     chosen = chosen or choose_split(curve, n_layer)
     settings.setdefault('mean_depth', 1)
     settings.setdefault('max_depth', settings['mean_depth'])
-    settings.setdefault('backprop_depth', settings['max_depth'])
+    settings.setdefault('backprop_depth', settings['max_depth'])  # a truncated loop leaves the prelude no gradient (§3)
     config = dataclasses.replace(base.config, n_prelude=chosen[0], n_loop=chosen[1], n_coda=chosen[2], **settings)
     info = dict(source=str(source), requested=str(split), split=list(chosen), curve=curve, last_token=last_token,
                 n_sequences=sum(len(b) for b in batches) if batches else 0)
     return regroup(config, base.state_dict(), (0, n_layer, 0)), info
 
 
-# 4. The command line: sample text, the chart, the checkpoint, and val loss per depth
+# -- 3. the command line: sample text, the chart, the checkpoint, and val loss per depth -------------------------------
 DEFAULTS = dict(init_from='',          # a GPT-2 name, a transformers directory, or a plain nanoloop ckpt.pt / out_dir
                 split='auto',          # 'auto' (knees of the curve) or 'n_prelude,n_loop,n_coda'
                 out_dir='',            # write ckpt.pt + etd_split.json here ('' = only print the curve and split)
@@ -203,6 +164,12 @@ DEFAULTS = dict(init_from='',          # a GPT-2 name, a transformers directory,
                 after='',              # mid-trained checkpoints (out_dirs or files, comma separated) for that table
                 eval_sequences=512,    # val windows per evaluation
                 seed=1337)             # of the sampled windows
+CHECKS = {'init_from': (f"one of {GPT2_NAMES}, a transformers directory or a nanoloop ckpt.pt (or its out_dir)",
+                        lambda v: v in GPT2_NAMES or os.path.exists(v)),
+          'out_dir': ("'' or a folder, not a file", lambda v: not os.path.isfile(v)),
+          **dict.fromkeys(('etd_sequences', 'eval_sequences'), ('an integer >= 1', lambda v: v >= 1)),
+          'eval_depths': ("depths >= 1, comma separated, e.g. 1,2,4,8",
+                          lambda v: not v or all(d.strip().isdecimal() and int(d) >= 1 for d in v.split(',')))}
 
 
 def text_batches(path, split, n, block_size, seed, batch_size=16):
@@ -217,18 +184,16 @@ def curve_chart(info, width=40):
              + ' / '.join(f"{n} {stage}" for n, stage in zip(info['split'], STAGES))]
     if info['curve'] is not None:
         top, stages = max(info['curve']) or 1.0, [s for n, s in zip(info['split'], STAGES) for _ in range(n)]
-        lines.append(f"angular distance d(l, l+1) per block, {'last token' if info['last_token'] else 'all tokens'} "
-                     f"of {info['n_sequences']} sequences:")
+        lines.append(f"angular distance d(l, l+1) per block, {'last' if info['last_token'] else 'all'} tokens of "
+                     f"{info['n_sequences']} sequences:")
         lines += [f"  block {i:>2}  {d:.4f}  {'#' * round(width * d / top):<{width}}  {stage}"
                   for i, (d, stage) in enumerate(zip(info['curve'], stages))]
     return '\n'.join(lines)
 
 
-@torch.no_grad()
 def depth_table(models, windows, depths):
-    """models: [(name, model, depths to run)] -> a text table of val loss with one column per depth r."""
-    rows = [(name, {r: sum(m.eval()(x, y, num_steps=r)[1].item() for x, y in windows) / len(windows) for r in rs})
-            for name, m, rs in models]
+    """models: [(name, model, depths to run)] -> a text table of val loss (sample.depth_sweep), one column per r."""
+    rows = [(name, {row['r']: row['value'] for row in depth_sweep(m.eval(), windows, rs)}) for name, m, rs in models]
     width = max(len(name) for name, _ in rows)
     return '\n'.join([f"{'model':<{width}}  " + '  '.join(f"{'r=' + str(r):>7}" for r in depths)] + [
         f"{name:<{width}}  " + '  '.join(f"{losses[r]:7.4f}" if r in losses else f"{'-':>7}" for r in depths)
@@ -236,37 +201,34 @@ def depth_table(models, windows, depths):
 
 
 def check_settings(cfg):
-    """Every bad setting fails before the (slow) curve; out_dir is made -> (depths, [(path, model) of --after])."""
-    if not cfg['init_from']:
-        raise ValueError("--init_from is required: a GPT-2 name, a transformers directory or a nanoloop checkpoint")
-    for key in ('etd_sequences', 'eval_sequences'):
-        if cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} is not allowed: expected an integer >= 1")
-    depths = int_list('eval_depths', cfg['eval_depths'], lambda d: min(d) >= 1, "depths >= 1, comma separated, e.g. "
-                      "1,2,4,8") if cfg['eval_depths'] or cfg['after'] else []
-    afters = []
-    for path in filter(None, cfg['after'].split(',')):
-        try:
-            afters.append((path, load_checkpoint(path)[0]))
-        except ValueError as err:
-            raise ValueError(f"after={path!r}: {err}") from None
+    """Every bad setting fails before the (slow) curve; out_dir is made -> [(path, model) of every --after]."""
+    check(cfg, CHECKS)
+    if cfg['after'] and not cfg['eval_depths']:
+        raise ValueError(f"after={cfg['after']!r} needs --eval_depths, e.g. 1,2,4,8: the depths its loss is taken at")
+    try:  # the loader's message names the file
+        afters = [(path, load_checkpoint(path)[0]) for path in filter(None, cfg['after'].split(','))]
+    except ValueError as err:
+        raise ValueError(f"after={cfg['after']!r}: {err}") from None
     out = cfg['out_dir']
     if out and os.path.isdir(out) and os.listdir(out) and not cfg['overwrite']:  # never replace a run's files silently
-        raise ValueError(f"out_dir={out!r} is not empty: choose another --out_dir, or --overwrite=True to replace what "
-                         f"it holds")
-    try:
-        if out:
-            os.makedirs(out, exist_ok=True)
-    except OSError as err:  # a file of that name, no permission, ...
-        raise ValueError(f"out_dir={out!r} cannot be created: {err.strerror or err}") from None
-    return depths, afters
+        raise ValueError(f"out_dir={out!r} is not empty: choose another --out_dir, or --overwrite=True to replace it")
+    os.makedirs(out or '.', exist_ok=True)  # '.': no out_dir, nothing to make
+    return afters
+
+
+def save(out_dir, model, cfg, info):
+    """out_dir/ckpt.pt in train.py's format (iter_num 0, no optimizer) and etd_split.json, each written atomically."""
+    ckpt = dict(model=model.state_dict(), model_args=dataclasses.asdict(model.config), config=cfg, iter_num=0)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    prepare.save_atomic(path, lambda f: torch.save(ckpt, f))
+    prepare.save_atomic(os.path.join(out_dir, 'etd_split.json'), lambda f: f.write(json.dumps(info, indent=1).encode()))
+    print(f"wrote {path} (r = 1: the base model) and etd_split.json; mid-train it: train.py --init_from={path}")
 
 
 def run(**options):
-    """etd.py's command line as a function: options are DEFAULTS keys -> (model, info). With out_dir it writes
-    out_dir/ckpt.pt in train.py's format (iter_num 0, no optimizer) and etd_split.json, each atomically."""
+    """etd.py's command line as a function: options are DEFAULTS keys -> (model, info); with out_dir, save()d."""
     cfg = dict(DEFAULTS, **{key: checked(DEFAULTS, key, value, 'etd.run') for key, value in options.items()})
-    depths, afters = check_settings(cfg)
+    afters = check_settings(cfg)
     data = prepare.dataset_dir(cfg['dataset'], cfg['data_dir'])
     meta, base = prepare.read_meta(data), load_base(cfg['init_from'])
     V, T = base.config.vocab_size, base.config.block_size
@@ -277,15 +239,9 @@ def run(**options):
     model, info = convert(base, cfg['split'], [x for x, _ in batches], cfg['last_token'], cfg['init_from'])
     print(curve_chart(info))
     if cfg['out_dir']:
-        ckpt = os.path.join(cfg['out_dir'], 'ckpt.pt')
-        torch.save(dict(model=model.state_dict(), model_args=dataclasses.asdict(model.config), config=cfg, iter_num=0),
-                   ckpt + '.tmp')
-        os.replace(ckpt + '.tmp', ckpt)
-        with open(os.path.join(cfg['out_dir'], 'etd_split.json.tmp'), 'w') as f:
-            json.dump(info, f, indent=1)
-        os.replace(f.name, f.name[:-4])
-        print(f"wrote {ckpt} (r = 1: the base model) and etd_split.json; mid-train it: train.py --init_from={ckpt}")
-    if depths:  # val loss of the base (r = 1), of the converted model and of every --after checkpoint at each r
+        save(cfg['out_dir'], model, cfg, info)
+    if cfg['eval_depths']:  # val loss of the base (r = 1), of the converted model and of every --after at each r
+        depths = [int(d) for d in cfg['eval_depths'].split(',')]
         split = lambda m: '/'.join(str(n) for n in (m.config.n_prelude, m.config.n_loop, m.config.n_coda))
         models = [(f"base {cfg['init_from']} ({base.config.n_layer} layers)", base, [1])] + [
             (f"{name} ({split(m)})", m, depths) for name, m in [('ETD before mid-training', model)] + afters]
@@ -297,5 +253,4 @@ if __name__ == '__main__':
     try:
         run(**configure(DEFAULTS, sys.argv[1:]))
     except (ValueError, OSError) as err:  # ours and the loader's are one line already; OSError: e.g. a full disk
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {err}")  # to stderr, exit status 1

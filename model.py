@@ -4,23 +4,21 @@ nanoloop: a recurrent-depth GPT in one file.
     tokens -> prelude -> e -> s_0 = init_state(e) -> [ s = loop_step(s, e) = Loop(inject(s, e)) ] x r -> coda -> logits
 
 The loop block reuses its weights every iteration, so parameters do not grow with the depth r, chosen at run time.
-Huginn (Geiping et al., arXiv 2502.05171) trains this from scratch with a random r every step; ETD (Koishekenov et al.,
-arXiv 2510.07358) makes one from a pretrained GPT by iterating its middle layers (etd.py). § refers to METHOD.md.
-Defaults follow Huginn (sandwich-norm blocks, rotary positions); GPT-2's pre-norm blocks and learned positions stay
-available (norm='pre', pos='learned') so that GPT-2 weights load exactly.
+Huginn (arXiv 2502.05171) trains this from scratch with a random r every step, with sandwich-norm blocks and rotary
+positions (our defaults); ETD (arXiv 2510.07358) loops the middle layers of a pretrained GPT (etd.py), so GPT-2's
+pre-norm blocks and learned positions stay available. § refers to METHOD.md. Decoding lives in sample.py.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The method, one function per idea. They are module-level functions looked up at call time, so a reader finds each one
-# by name and the exercises (exercises/) can swap a student's version in.
+# The method, one function per idea, looked up at call time: a reader finds each by name, exercises/ swaps one in.
 
 
 def sample_depth(mean_depth, max_depth, generator=None, sigma=0.5):
@@ -48,9 +46,7 @@ def inject(s, e, kind, adapter=None):
     'add' is s + e; 'concat' is Huginn's adapter s <- W [s; e]; 'none' is ETD's plain residual iteration."""
     if kind == 'concat':
         return adapter(torch.cat([s, e], dim=-1))
-    if kind == 'add':
-        return s + e
-    return s
+    return s + e if kind == 'add' else s
 
 
 def truncated_loop(step, s, r, k):
@@ -72,9 +68,8 @@ def freeze_exited(new, old, active):
 
 def fill_latest(loop_kv, depths, pos):
     """The early-exit KV cache (§5), Huginn's "latest" lookup done once at write time: a token that stopped after
-    depths[b] iterations has no keys/values for the later iterations, yet later tokens that iterate longer attend to
-    it there. Copy its last computed entry forward, so iteration i > depth reads the latest one.
-    loop_kv: (r, n_loop, 2, B, H, T, hd); depths: (B,) in 1..r; pos: the token's position."""
+    depths[b] iterations has no keys/values for later iterations, yet longer-iterating tokens attend to it there, so
+    copy its last entry forward. loop_kv: (r, n_loop, 2, B, H, T, hd); depths: (B,) in 1..r; pos: its position."""
     r = loop_kv.shape[0]
     src = torch.minimum(torch.arange(r, device=depths.device)[:, None], depths[None, :] - 1)  # (r, B)
     at_pos = loop_kv[:, :, :, :, :, pos]                                                    # (r, L, 2, B, H, hd)
@@ -99,8 +94,7 @@ def argmax_converged(logp_prev, logp, eps):
 
 
 def act_halted(remaining, eps):
-    """ETD's learned exit (§5, ACT-style): halt once the cumulative halting probability 1 - prod_j (1 - lambda_j)
-    reaches 1 - eps (ETD: 0.99), i.e. once the probability of still running, `remaining`, is at most eps."""
+    """ETD's learned exit (§5, ACT): halt once the chance of still running is at most eps (ETD: eps = 0.01)."""
     return remaining <= eps
 
 
@@ -118,17 +112,6 @@ EXIT_RULES = {'kl': (kl_converged, 1), 'entropy': (entropy_converged, 1), 'argma
               'router': (act_halted, 1)}
 
 
-def sample_token(logits, temperature=1.0, top_k=None, generator=None):
-    """Next token from the last position's logits (B, V); temperature 0 is greedy, top_k None keeps every token."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
 def rotate(x, cos, sin):
     """Rotary position embedding (RoPE, Su et al. 2021; Huginn's choice): turn each pair of channels of q or k by an
     angle proportional to the position, so q . k depends only on the distance between two tokens. x: (B, H, T, hd)."""
@@ -143,9 +126,8 @@ def rotary_table(n_positions, head_dim, base=10000.0):
 
 
 def attention_mask(T, pos, window, device):
-    """(T, pos + T) bool: query pos + i sees key j if j <= pos + i and, with a window w > 0, j > pos + i - w. A window
-    of 2 (itself and the token before) makes each layer carry information one position further, so one more loop
-    iteration is one more sequential step (the depth showcase)."""
+    """(T, pos + T) bool: query pos + i sees key j <= pos + i, and with a window w > 0 only j > pos + i - w. With w = 2
+    each layer carries information one position further: one more iteration is one more step (the showcase)."""
     q = torch.arange(pos, pos + T, device=device)[:, None]
     k = torch.arange(pos + T, device=device)[None, :]
     return (k <= q) & ((k > q - window) if window else True)
@@ -178,7 +160,8 @@ class CausalSelfAttention(nn.Module):
             kv[0, :, :, pos:pos + T], kv[1, :, :, pos:pos + T] = k, v
             k, v = kv[0, :, :, :pos + T], kv[1, :, :, :pos + T]
         # is_causal aligns top-left: a chunk after a cached prefix, or a local window, needs an explicit mask
-        mask = attention_mask(T, pos, self.window, x.device) if self.window or (kv is not None and pos and T > 1) else None
+        explicit = self.window or (kv is not None and pos and T > 1)
+        mask = attention_mask(T, pos, self.window, x.device) if explicit else None
         # flash attention on CUDA when there is no explicit mask (§3 trap: a mask or fp32 falls back to slower kernels)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=mask is None and T > 1)
@@ -207,32 +190,31 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda: nn.LayerNorm(config.n_embd, bias=config.bias)
         self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
-        sandwich = config.norm == 'sandwich'
-        self.ln_attn = norm() if sandwich else nn.Identity()
-        self.ln_mlp = norm() if sandwich else nn.Identity()
+        # the sandwich's norms after each sublayer; identities in GPT-2's pre-norm block
+        self.ln_attn, self.ln_mlp = (norm(), norm()) if config.norm == 'sandwich' else (nn.Identity(), nn.Identity())
 
     def forward(self, x, kv=None, pos=0):
         x = self.ln_attn(x + self.attn(self.ln_1(x), kv, pos))
         return self.ln_mlp(x + self.mlp(self.ln_2(x)))
 
-
-class KVCache:
-    """Preallocated keys/values for decoding (gpt-fast style): one entry per prelude layer, per coda layer, and per
-    (iteration, loop layer) pair, because every iteration of the loop has its own keys and values (§5)."""
-
-    def __init__(self, config, batch_size, r, device, dtype):
-        shape = (2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.prelude = torch.zeros(config.n_prelude, *shape, device=device, dtype=dtype)
-        self.loop = torch.zeros(r, config.n_loop, *shape, device=device, dtype=dtype)
-        self.coda = torch.zeros(config.n_coda, *shape, device=device, dtype=dtype)
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
 
-INJECT = ('add', 'concat', 'none')
-INIT_STATE = ('noise', 'embed', 'zeros')
-NORM = ('sandwich', 'pre')
-POS = ('rope', 'learned', 'none')
+
+CHOICES = dict(inject=('add', 'concat', 'none'), init_state=('noise', 'embed', 'zeros'), norm=('sandwich', 'pre'),
+               pos=('rope', 'learned', 'none'))
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not to a config
+
+
+def check(values, rules, prefix=''):
+    """The one value checker (GPTConfig, forward, generate and every script's settings). values: a dict;
+    rules: {name: (what is allowed, test)}. The first value its test refuses is a ValueError of one line."""
+    for name, (allowed, ok) in rules.items():
+        if not ok(values[name]):
+            raise ValueError(f"{prefix}{name}={values[name]!r} is not allowed: expected {allowed}")
 
 
 @dataclass
@@ -247,12 +229,12 @@ class GPTConfig:
     mean_depth: int = 4          # the r eval runs; training draws r with E[r] = mean_depth + 1 (Huginn's convention)
     max_depth: int = 16          # cap on the drawn r and on adaptive decoding
     backprop_depth: int = 4      # k: backprop through the last k iterations only (§3)
-    inject: str = 'add'          # how e re-enters each iteration: 'add' (s + e) | 'concat' (Huginn adapter) | 'none' (ETD)
+    inject: str = 'add'          # how e re-enters each iteration: 'add' (s + e) | 'concat' (Huginn's adapter) | 'none'
     init_state: str = 'noise'    # s_0: 'noise' (Huginn) | 'embed' (ETD: s_0 = e) | 'zeros' (exact, for tests)
     state_std: float = 1.0       # std of the noise state: ~ the scale of e after a sandwich block (Huginn)
     norm_state: bool = False     # LayerNorm the state after every iteration (bounds a pre-norm loop; §3 trap)
     norm: str = 'sandwich'       # block: 'sandwich' (Huginn: LN(x + f(LN x))) | 'pre' (GPT-2: x + f(LN x))
-    pos: str = 'rope'            # positions: 'rope' (rotary, Huginn) | 'learned' (GPT-2's table) | 'none' (only the mask)
+    pos: str = 'rope'            # positions: 'rope' (rotary, Huginn) | 'learned' (GPT-2) | 'none' (only the mask)
     window: int = 0              # attention sees the last `window` tokens (0 = all; a window uses no flash kernel)
     dropout: float = 0.0
     bias: bool = False           # biases in Linears and LayerNorms (GPT-2 has them)
@@ -260,36 +242,26 @@ class GPTConfig:
     router_cost: float = 0.01    # its training objective's price of one more iteration, in nats per token
 
     def __post_init__(self):
-        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-        rules = [(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, 'an integer >= 1')
-                 for name in ('block_size', 'vocab_size', 'n_embd', 'n_head', 'n_loop', 'mean_depth', 'backprop_depth')]
-        rules += [(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, 'an integer >= 0')
-                  for name in ('n_prelude', 'n_coda', 'window')]
-        rules += [(name, getattr(self, name) in allowed, f'one of {allowed}')
-                  for name, allowed in (('inject', INJECT), ('init_state', INIT_STATE), ('norm', NORM), ('pos', POS))]
-        _check_all(self, rules + [
-            ('max_depth', _is_int(self.max_depth) and self.max_depth >= self.mean_depth,
-             f'an integer >= mean_depth ({self.mean_depth})'),
-            ('n_embd', self.n_head and self.n_embd % self.n_head == 0, f'a multiple of n_head ({self.n_head})'),
-            ('state_std', number(self.state_std) and self.state_std > 0, 'a number > 0'),
-            ('dropout', number(self.dropout) and 0 <= self.dropout < 1, 'a number in [0, 1)'),
-            ('router_cost', number(self.router_cost) and self.router_cost >= 0, 'a number >= 0')], 'GPTConfig.')
+        """Every field checked up front: a bad value is one line naming it, not a shape error deep in forward."""
+        count = lambda low: (f'an integer >= {low}', lambda v: is_int(v) and v >= low)
+        number = lambda allowed, ok: (allowed, lambda v: (is_int(v) or isinstance(v, float)) and ok(v))
+        one_of = lambda allowed: (f'one of {allowed}', lambda v: v in allowed)
+        check(vars(self), {
+            **dict.fromkeys(('block_size', 'vocab_size', 'n_embd', 'n_head', 'n_loop', 'mean_depth', 'backprop_depth'),
+                            count(1)),
+            **dict.fromkeys(('n_prelude', 'n_coda', 'window'), count(0)),
+            **{name: one_of(allowed) for name, allowed in CHOICES.items()},
+            'state_std': number('a number > 0', lambda v: v > 0),
+            'dropout': number('a number in [0, 1)', lambda v: 0 <= v < 1),
+            'router_cost': number('a number >= 0', lambda v: v >= 0),
+            'max_depth': (f'an integer >= mean_depth ({self.mean_depth})',  # mean_depth is checked by now
+                          lambda v: is_int(v) and v >= self.mean_depth)}, 'GPTConfig.')
+        heads = (f'a multiple of n_head ({self.n_head})', lambda v: v % self.n_head == 0)  # n_head checked above
+        check(vars(self), {'n_embd': heads}, 'GPTConfig.')
 
     @property
     def n_layer(self):
         return self.n_prelude + self.n_loop + self.n_coda
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_all(obj, rules, prefix=''):
-    """rules: (name, ok, allowed). The first broken one is a ValueError of one line naming it and its value."""
-    for name, ok, allowed in rules:
-        if not ok:
-            value = getattr(obj, name) if hasattr(obj, name) else obj[name]
-            raise ValueError(f"{prefix}{name}={value!r} is not allowed: expected {allowed}")
 
 
 def plain_config(n_layer, **kwargs):
@@ -373,7 +345,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, num_steps=None, depths=None, generator=None):
         """(logits (B, T, V), loss or None). Depth: `num_steps` fixes r; else training draws r (§3) and eval uses
         mean_depth. `depths` (B, T) gives each position its own number of iterations instead (§5)."""
-        r = self._depth(idx, num_steps, depths)
+        r = self.depth(idx, num_steps, depths)
         e = self.prelude(idx)
         s = init_state(e, self.config.init_state, self.config.state_std, generator)
         held, states = [None] * self.config.n_loop, []
@@ -385,36 +357,34 @@ class GPT(nn.Module):
                 states.append(s.detach())
             return s
         logits = self.coda(truncated_loop(step, s, r, self.config.backprop_depth))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = None if targets is None else cross_entropy(logits, targets)
         if train_router:
             loss = loss + self.router_loss(states, targets)
         return logits, loss
 
     def halt_prob(self, s):
-        """ETD's halting router: lambda = sigmoid(w . s + b) per token, read from the state after an iteration."""
+        """ETD's halting router: lambda = sigmoid(w . s + b) per token, from the state after an iteration."""
         return torch.sigmoid(self.router(s).squeeze(-1).float())
 
     def router_loss(self, states, targets):
-        """Our training objective for the router (ETD does not publish one; §5): ACT's expected loss plus a price per
-        iteration, E_halt[CE_i + router_cost * i], with the per-iteration losses CE_i measured without gradient and
-        the states detached, so only the router learns and the language model's training is untouched."""
+        """Our router objective (ETD publishes none; §5): ACT's expected loss plus a price per iteration,
+        E_halt[CE_i + router_cost * i], on detached states and CE_i: only the router learns from it."""
         with torch.no_grad():
-            ce = torch.stack([F.cross_entropy(self.coda(s).flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                              reduction='none').view_as(targets) for s in states])     # (r, B, T)
+            ce = torch.stack([cross_entropy(self.coda(s), targets, reduction='none').view_as(targets)
+                              for s in states])                                                     # (r, B, T)
         halt = halting_distribution(torch.stack([self.halt_prob(s) for s in states]))          # (r, B, T)
         cost = torch.arange(1, len(states) + 1, device=ce.device).view(-1, 1, 1) * self.config.router_cost
         return (halt * (ce + cost)).sum(0).mean()
 
-    def _depth(self, idx, num_steps, depths):
-        """The number of loop iterations to run, after checking the caller's arguments."""
+    def depth(self, idx, num_steps=None, depths=None):
+        """r, the number of loop iterations to run, after checking the caller's arguments (forward's contract)."""
         cfg = self.config
         if idx.dim() != 2 or idx.size(1) > cfg.block_size:
-            raise ValueError(f"idx must be (B, T) with T <= block_size ({cfg.block_size}), got shape {tuple(idx.shape)}")
+            raise ValueError(f"idx must be (B, T) with T <= block_size ({cfg.block_size}), got {tuple(idx.shape)}")
         if depths is None:
             if num_steps is None:
                 return sample_depth(cfg.mean_depth, cfg.max_depth) if self.training else cfg.mean_depth
-            _check_all({'num_steps': num_steps}, [('num_steps', _is_int(num_steps) and num_steps >= 1,
-                                                    'an integer >= 1')])
+            check({'num_steps': num_steps}, {'num_steps': ('an integer >= 1', lambda v: is_int(v) and v >= 1)})
             return num_steps
         if num_steps is not None:
             raise ValueError("give num_steps or depths, not both")
@@ -425,107 +395,6 @@ class GPT(nn.Module):
             raise ValueError(f"depths must lie in 1..max_depth ({cfg.max_depth}), "
                              f"got {depths.min().item()}..{depths.max().item()}")
         return int(depths.max()) if depths.numel() else 1
-
-    @torch.no_grad()
-    def adaptive_forward(self, idx, targets=None, exit_threshold=5e-4, num_steps=None, exit_rule='kl'):
-        """Per-token early exit in teacher forcing, in one batched pass: every iteration the coda reads every position,
-        a position whose exit rule holds is frozen (§5), and the final logits are exactly forward(idx, depths=depths).
-        -> (logits, loss, depths (B, T)). It approximates decoding: a position's exit test reads earlier positions'
-        *current* states, a decoder their final ones, so the chosen depths may differ from generate's."""
-        r = self._depth(idx, num_steps or self.config.max_depth, None)
-        e = self.prelude(idx)
-        s = init_state(e, self.config.init_state, self.config.state_std)
-        exit_test, held = ExitTest(self, exit_rule, exit_threshold, idx.shape, r), [None] * self.config.n_loop
-        for i in range(r):
-            s = self.loop_step(s, e, exit_test.active, held)
-            if exit_test.update(s, i):
-                break
-        logits = exit_test.logits if exit_test.logits is not None else self.coda(s)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss, exit_test.depths
-
-    # -- decoding -------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def forward_cached(self, idx, cache, pos, num_steps, exit_test=None, s0=None):
-        """Positions pos..pos+T-1 through the model, reading and writing `cache`. With an ExitTest each row stops on its
-        own: it is frozen, and once every row stopped its latest keys/values are copied forward (fill_latest).
-        -> (logits (B, T, V), final state (B, T, C))."""
-        e = self.prelude(idx, cache, pos)
-        s = init_state(e, self.config.init_state, self.config.state_std) if s0 is None else s0
-        for i in range(num_steps):
-            s = self.loop_step(s, e, None if exit_test is None else exit_test.active, None, cache.loop[i], pos)
-            if exit_test is not None and (exit_test.update(s, i, cache, pos) or i == num_steps - 1):
-                fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # rows that stopped wrote stale entries
-                if exit_test.logits is not None:  # the exit test already read the final state through the coda
-                    return exit_test.logits, s
-                break
-        return self.coda(s, cache, pos), s  # the last coda write at pos is from the final state
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
-                 exit_rule='kl', generator=None, warm_start=False, return_logits=False):
-        """KV-cached sampling -> (tokens (B, P + max_new_tokens), depths (B, max_new_tokens)[, logits]).
-        depths[:, j] is the number of iterations run at the position that predicted new token j. The prompt runs at
-        the full depth r = num_steps (default mean_depth) and does not exit early (as Huginn); with exit_threshold
-        every new position stops once its exit rule holds, else at r. warm_start (continuous thought, §5): a
-        position's first state is the previous position's final state. A prompt longer than block_size is cropped
-        from the left; when the window fills up, decoding restarts from the last block_size // 2 tokens."""
-        self._check_generate(idx, max_new_tokens, temperature, top_k, exit_threshold)
-        block = self.config.block_size
-        r = self._depth(idx[:, -block:], self.config.mean_depth if num_steps is None else num_steps, None)
-        tokens, cache = idx[:, -block:], self.new_cache(idx, r)
-        pos, s_prev = self.prefill(tokens, cache, r)
-        all_depths, all_logits = [], []
-        for _ in range(max_new_tokens):
-            if pos == block:  # window full: re-encode the last half block
-                pos, s_prev = self.prefill(tokens[:, -(block // 2):], cache, r)
-            exit_test = None if exit_threshold is None else ExitTest(self, exit_rule, exit_threshold, (idx.size(0), 1), r)
-            logits, s = self.forward_cached(tokens[:, -1:], cache, pos, r, exit_test, s_prev if warm_start else None)
-            all_depths.append(torch.full_like(tokens[:, -1], r) if exit_test is None else exit_test.depths[:, -1])
-            all_logits.append(logits[:, -1])
-            idx = torch.cat([idx, sample_token(logits[:, -1], temperature, top_k, generator)], dim=1)
-            tokens, pos, s_prev = idx[:, -block:], pos + 1, s
-        depths = torch.stack(all_depths, 1) if all_depths else idx.new_zeros(idx.size(0), 0)
-        return (idx, depths, torch.stack(all_logits, 1)) if return_logits else (idx, depths)
-
-    def _check_generate(self, idx, max_new_tokens, temperature, top_k, exit_threshold):
-        """generate's contract, checked up front like forward's: one ValueError naming the bad value."""
-        if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()):
-            raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got {getattr(idx, 'shape', idx)!r}")
-        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}, "
-                             f"got {idx.min().item()}..{idx.max().item()}")
-        args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, exit_threshold=exit_threshold)
-        _check_all(args, [
-            ('max_new_tokens', _is_int(max_new_tokens) and max_new_tokens >= 0, 'an integer >= 0'),
-            ('temperature', isinstance(temperature, (int, float)) and temperature >= 0, 'a number >= 0'),
-            ('top_k', top_k is None or (_is_int(top_k) and top_k >= 1), 'None (all) or an integer >= 1'),
-            ('exit_threshold', exit_threshold is None or exit_threshold >= 0, 'None (off) or a number >= 0')])
-
-    def new_cache(self, idx, r):
-        """A KV cache for idx's batch and r loop iterations, in the autocast dtype when autocast is on."""
-        autocast = torch.is_autocast_enabled(idx.device.type)
-        dtype = torch.get_autocast_dtype(idx.device.type) if autocast else self.lm_head.weight.dtype
-        return KVCache(self.config, idx.size(0), r, idx.device, dtype)
-
-    def prefill(self, tokens, cache, r):
-        """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token.
-        -> (position of the last token, final state of the one before it or None)."""
-        if tokens.size(1) == 1:
-            return 0, None
-        _, s = self.forward_cached(tokens[:, :-1], cache, 0, r)
-        return tokens.size(1) - 1, s[:, -1:]
-
-    # -- training utilities ---------------------------------------------------------------------------------------
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
 
     def flops_per_token(self, num_steps, backprop_depth=None):
         """FLOPs per token counted honestly (§6): the forward runs prelude + r loops + coda, the backward (twice the
@@ -540,52 +409,41 @@ class GPT(nn.Module):
         backward = 2 * (ends - (0 if prelude_grad else cfg.n_prelude * layer) + k * loop) if k else 0
         return ends + num_steps * loop + backward
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, num_steps, peak_flops=312e12):
-        """Model FLOPs utilization: achieved FLOP/s over peak (A100 bf16 312 TFLOP/s by default, as nanoGPT)."""
-        return self.flops_per_token(num_steps) * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
-
     def compile_loop(self, **kwargs):
-        """torch.compile the three stages separately and keep the loop in Python (§3 trap): a compiled Python loop is
-        unrolled and recompiled for every new r. The compiled functions shadow the methods on this instance only,
-        so state_dict() keeps plain names."""
+        """torch.compile the three stages, not the loop (§3 trap: a compiled Python loop recompiles for every new r).
+        The compiled functions shadow the methods on this instance only, so state_dict() keeps plain names."""
         for name in ('prelude', 'loop_step', 'coda'):
             setattr(self, name, torch.compile(getattr(self, name), **kwargs))
         return self
 
+    # -- decoding -------------------------------------------------------------------------------------------------
 
-class ExitTest:
-    """Adaptive exit bookkeeping for a batch of positions (§5): after iteration i, positions whose rule held for
-    `patience` iterations in a row stop; depths records how many iterations each one ran (r if it never stopped).
-    Distribution rules compare each iteration's next-token distribution with the previous one, the first time with
-    the uniform distribution (Huginn); the router rule reads only the state."""
+    def new_cache(self, idx, r):
+        """Preallocated keys/values (gpt-fast style) for idx's batch, in the autocast dtype when autocast is on: one
+        entry per prelude and coda layer and per (iteration, loop layer), since every iteration has its own (§5)."""
+        cfg, device = self.config, idx.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.weight.dtype
+        shape = (2, idx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)  # keys and values
+        zeros = lambda *n: torch.zeros(*n, *shape, device=device, dtype=dtype)
+        return SimpleNamespace(prelude=zeros(cfg.n_prelude), loop=zeros(r, cfg.n_loop), coda=zeros(cfg.n_coda))
 
-    def __init__(self, model, rule, eps, shape, r):
-        if rule not in EXIT_RULES:
-            raise ValueError(f"exit_rule={rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
-        if rule == 'router' and model.router is None:
-            raise ValueError("exit_rule='router' needs a model trained with router=True; this one has no halting "
-                             "router (use kl, entropy or argmax-stable)")
-        device, V = model.lm_head.weight.device, model.config.vocab_size
-        self.model, self.rule, self.eps = model, rule, eps
-        self.converged, self.patience = EXIT_RULES[rule]
-        self.active = torch.ones(shape, dtype=torch.bool, device=device)
-        self.streak = torch.zeros(shape, dtype=torch.long, device=device)
-        self.depths = torch.full(shape, r, dtype=torch.long, device=device)
-        self.logp = torch.full((*shape, V), -math.log(V), device=device) if rule != 'router' else None
-        self.remaining = torch.ones(shape, device=device)  # router: probability of not having halted yet
-        self.logits = None  # the distribution rules' last coda output, reused as the final logits
+    @torch.no_grad()
+    def forward_cached(self, idx, cache, pos, num_steps, exit_test=None, s0=None):
+        """Positions pos.. through the model, reading and writing `cache` -> (logits, final state). With an exit test
+        (sample.ExitTest) each row stops on its own, then its latest keys/values are copied forward (fill_latest)."""
+        e = self.prelude(idx, cache, pos)
+        s = init_state(e, self.config.init_state, self.config.state_std) if s0 is None else s0
+        for i in range(num_steps):
+            s = self.loop_step(s, e, None if exit_test is None else exit_test.active, None, cache.loop[i], pos)
+            if exit_test is not None and (exit_test.update(s, i, cache, pos) or i == num_steps - 1):
+                fill_latest(cache.loop, exit_test.depths[:, -1], pos)  # rows that stopped wrote stale entries
+                if exit_test.logits is not None:  # the exit test already read the final state through the coda
+                    return exit_test.logits, s
+                break
+        return self.coda(s, cache, pos), s  # the last coda write at pos is from the final state
 
-    def update(self, s, i, cache=None, pos=0):
-        """Test the state after iteration i (0-based); returns True once every position has stopped."""
-        if self.rule == 'router':
-            self.remaining = self.remaining * (1 - self.model.halt_prob(s))
-            holds = self.converged(self.remaining, self.eps)
-        else:
-            self.logits = self.model.coda(s, cache, pos)
-            logp = F.log_softmax(self.logits.float(), dim=-1)
-            holds, self.logp = self.converged(self.logp, logp, self.eps), logp
-        self.streak = torch.where(holds, self.streak + 1, 0)
-        stop = self.active & (self.streak >= self.patience)
-        self.depths = torch.where(stop, i + 1, self.depths)
-        self.active = self.active & ~stop
-        return not self.active.any()
+
+def cross_entropy(logits, targets, reduction='mean'):
+    """Next-token loss over (B, T) positions; -1 targets (a task's unscored positions) are ignored."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)

@@ -1,5 +1,7 @@
 """
-Sample from a trained nanoloop model and show how many loop iterations every token got (METHOD.md §5).
+Sample from a trained nanoloop model and show how many loop iterations every token got (METHOD.md §5). This file
+also holds what every script uses to run a model: load_checkpoint, generate (KV-cached, per-token adaptive exit),
+adaptive_forward (the same exit, teacher-forced) and depth_sweep, as gpt-fast keeps generate.py beside model.py.
 
     python sample.py --out_dir=out                              # fixed depth: every token runs r = mean_depth
     python sample.py --exit_threshold=5e-4                      # adaptive exit (--exit_rule=kl|entropy|argmax-stable)
@@ -14,6 +16,7 @@ markup, 'prompt[prompt]' then 'text[iterations]' per token (parse_markup() reads
 
 import codecs
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -25,9 +28,10 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+import model as nanoloop  # its method functions looked up at call time: the exercises swap them in
 import prepare
-from configurator import DTYPES, check, check_device, configure, sync
-from model import EXIT_RULES, GPT, GPTConfig
+from configurator import DTYPES, check_device, configure, sync
+from model import EXIT_RULES, GPT, GPTConfig, check, cross_entropy, is_int
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/<file>.py and --key=value (configurator.py; a bare --flag = True)
@@ -57,10 +61,10 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False                # torch.compile prelude / loop step / coda (model.compile_loop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and (v is None or isinstance(v, (int, float, bool, str)))}
-CHECKS = {  # key: (what is allowed, test): configurator.check names the first bad one
+CHECKS = {  # key: (what is allowed, test): model.check names the first bad one
     **dict.fromkeys(('num_samples', 'max_new_tokens', 'top_k', 'draft_depth', 'n_draft', 'sweep_batches',
                      'sweep_batch_size'), ('an integer >= 1', lambda v: v >= 1)),
-    'num_steps': ('None (the model\'s depth) or an integer >= 1', lambda v: v is None or type(v) is int and v >= 1),
+    'num_steps': ("None (the model's depth) or an integer >= 1", lambda v: v is None or is_int(v) and v >= 1),
     'exit_threshold': ('None (off) or a number >= 0', lambda v: v is None or type(v) in (int, float) and v >= 0),
     'temperature': ('a number >= 0 (0 = greedy)', lambda v: v >= 0),
     **{key: (f'one of {allowed}', lambda v, allowed=allowed: v in allowed) for key, allowed in
@@ -72,11 +76,10 @@ CONFLICTS = (('speculative', 'exit_threshold', 'every token is verified at the f
              ('sweep', 'warm_start', 'the sweep is teacher-forced, it decodes nothing'))
 
 
-# -- checks: every impossible value or combination is one line, before any work ---------------------------------------
+# -- the one checkpoint loader every script uses ------------------------------------------------------------------------
 def load_checkpoint(path, device='cpu'):
-    """(GPT in eval mode, the whole checkpoint dict) from train.py's ckpt.pt or the out_dir holding one. The one
-    loader every script uses: weights_only=True (a checkpoint cannot run code), and every bad file is one ValueError
-    naming it, what is wrong and what to do."""
+    """(GPT in eval mode, checkpoint dict) from a ckpt.pt or the out_dir holding one. weights_only=True: a checkpoint
+    cannot run code. Every bad file is one ValueError naming it, what is wrong and what to do."""
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"no checkpoint at {file}: train one with python train.py --out_dir=DIR")
@@ -91,9 +94,8 @@ def load_checkpoint(path, device='cpu'):
             reason = 'it holds objects other than tensors and plain values, refused because loading them runs code'
         raise ValueError(f"checkpoint {file} cannot be read ({reason}); it is damaged or not written by "
                          f"train.py: use another checkpoint or train again") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('model_args'), dict)):
-        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected a dict with 'model' and "
-                         f"'model_args', as train.py writes")
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ('model', 'model_args'))):
+        raise ValueError(f"checkpoint {file} is not a nanoloop checkpoint: expected 'model' and 'model_args' dicts")
     try:
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
@@ -103,16 +105,15 @@ def load_checkpoint(path, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
+# -- checks: every impossible value or combination is one line, before any work ---------------------------------------
 def check_flags(cfg):
     check(vars(cfg), CHECKS)
     for a, b, why in CONFLICTS:
         if getattr(cfg, a) and getattr(cfg, b) is not None and getattr(cfg, b) is not False:
             raise ValueError(f"--{a} with --{b}={getattr(cfg, b)} is not possible: {why}")
     check_device(cfg.device, cfg.dtype)  # before the checkpoint: a bad device is never blamed on the file
-    if cfg.plot and not cfg.sweep:
-        raise ValueError(f"plot={cfg.plot!r} needs --sweep (it plots the sweep)")
-    if cfg.plot and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.plot))):
-        raise ValueError(f"plot={cfg.plot!r}: its folder does not exist (create it first)")
+    if cfg.plot and not (cfg.sweep and os.path.isdir(os.path.dirname(os.path.abspath(cfg.plot)))):
+        raise ValueError(f"plot={cfg.plot!r} is not allowed: expected a file in an existing folder, with --sweep")
     if cfg.plot and importlib.util.find_spec('matplotlib') is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
     parse_thresholds(cfg.sweep_thresholds)
@@ -123,7 +124,7 @@ def parse_thresholds(text):
     try:
         values = [float(v) for v in text.split(',') if v.strip()]
     except ValueError:
-        values = []
+        values = [-1]
     if not values or min(values) < 0:
         raise ValueError(f"sweep_thresholds={text!r} is not allowed: expected comma separated numbers >= 0")
     return values
@@ -218,9 +219,64 @@ def summary(i, n, depths, r, seconds, stats=None):
     return line
 
 
-# -- self-speculative decoding: the shallow model drafts, the deep model verifies (METHOD.md §5) -----------------------
+# -- decoding (gpt-fast's split: model.py is the model, this file decodes it; METHOD.md §5) -------------------------
+class ExitTest:
+    """Adaptive exit for a batch of positions (§5): after iteration i, positions whose rule held `patience` times in
+    a row stop; depths counts each one's iterations. Distribution rules compare the next-token distribution with the
+    previous iteration's (the first time with the uniform one, as Huginn); the router rule reads only the state."""
+
+    def __init__(self, model, rule, eps, shape, r):
+        if rule not in EXIT_RULES:
+            raise ValueError(f"exit_rule={rule!r} is not allowed: expected one of {tuple(EXIT_RULES)}")
+        if rule == 'router' and model.router is None:
+            raise ValueError("exit_rule='router' needs a model trained with router=True; this one has no halting "
+                             "router (use kl, entropy or argmax-stable)")
+        device, V = model.lm_head.weight.device, model.config.vocab_size
+        self.model, self.rule, self.eps = model, rule, eps
+        self.converged, self.patience = EXIT_RULES[rule]  # looked up per test: the exercises swap rules in
+        self.active = torch.ones(shape, dtype=torch.bool, device=device)
+        self.streak = torch.zeros(shape, dtype=torch.long, device=device)
+        self.depths = torch.full(shape, r, dtype=torch.long, device=device)
+        self.logp = torch.full((*shape, V), -math.log(V), device=device) if rule != 'router' else None
+        self.remaining = torch.ones(shape, device=device)  # router: probability of not having halted yet
+        self.logits = None  # the distribution rules' last coda output, reused as the final logits
+
+    def update(self, s, i, cache=None, pos=0):
+        """Test the state after iteration i (0-based); returns True once every position has stopped."""
+        if self.rule == 'router':
+            self.remaining = self.remaining * (1 - self.model.halt_prob(s))
+            holds = self.converged(self.remaining, self.eps)
+        else:
+            self.logits = self.model.coda(s, cache, pos)
+            logp = F.log_softmax(self.logits.float(), dim=-1)
+            holds, self.logp = self.converged(self.logp, logp, self.eps), logp
+        self.streak = torch.where(holds, self.streak + 1, 0)
+        stop = self.active & (self.streak >= self.patience)
+        self.depths = torch.where(stop, i + 1, self.depths)
+        self.active = self.active & ~stop
+        return not self.active.any()
+
+
+@torch.no_grad()
+def adaptive_forward(model, idx, targets=None, exit_threshold=5e-4, num_steps=None, exit_rule='kl'):
+    """Per-token early exit in teacher forcing, in one batched pass: every iteration the coda reads every position,
+    a position whose exit rule holds is frozen (§5), and the final logits are exactly model(idx, depths=depths).
+    -> (logits, loss, depths (B, T)). It approximates decoding: a position's exit test reads earlier positions'
+    *current* states, a decoder their final ones, so the chosen depths may differ from generate's."""
+    r = model.depth(idx, num_steps or model.config.max_depth)
+    e = model.prelude(idx)
+    s = nanoloop.init_state(e, model.config.init_state, model.config.state_std)
+    exit_test, held = ExitTest(model, exit_rule, exit_threshold, idx.shape, r), [None] * model.config.n_loop
+    for i in range(r):
+        s = model.loop_step(s, e, exit_test.active, held)
+        if exit_test.update(s, i):
+            break
+    logits = exit_test.logits if exit_test.logits is not None else model.coda(s)
+    return logits, None if targets is None else cross_entropy(logits, targets), exit_test.depths
+
+
 def token_probs(logits, temperature, top_k=None):
-    """The distribution model.sample_token draws from (top_k None = all); one-hot argmax at temperature 0."""
+    """The next-token distribution: logits / temperature, top_k None keeping every token; one-hot argmax at 0."""
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits.float() / temperature
@@ -230,6 +286,63 @@ def token_probs(logits, temperature, top_k=None):
     return F.softmax(logits, dim=-1)
 
 
+def sample_token(logits, temperature=1.0, top_k=None, generator=None):
+    """Next token (B, 1) drawn from the last position's logits (B, V): the one token sampler everything uses."""
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1, generator=generator)
+
+
+def prefill(model, tokens, cache, r):
+    """Run all but the last prompt token at full depth into the cache; the last one is decoded like a new token.
+    -> (position of the last token, final state of the one before it or None)."""
+    if tokens.size(1) == 1:
+        return 0, None
+    _, s = model.forward_cached(tokens[:, :-1], cache, 0, r)
+    return tokens.size(1) - 1, s[:, -1:]
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
+             exit_rule='kl', generator=None, warm_start=False, return_logits=False):
+    """KV-cached sampling -> (tokens (B, P + max_new_tokens), depths (B, max_new_tokens)[, logits]).
+    depths[:, j] is the number of iterations run at the position that predicted new token j. The prompt runs at
+    the full depth r = num_steps (default mean_depth) and does not exit early (as Huginn); with exit_threshold
+    every new position stops once its exit rule holds, else at r. warm_start (continuous thought, §5): a
+    position's first state is the previous position's final state. A prompt longer than block_size is cropped
+    from the left; when the window fills up, decoding restarts from the last block_size // 2 tokens."""
+    check_generate(model, idx, max_new_tokens, temperature, top_k, exit_threshold)
+    block = model.config.block_size
+    r = model.depth(idx[:, -block:], model.config.mean_depth if num_steps is None else num_steps)
+    tokens, cache = idx[:, -block:], model.new_cache(idx, r)
+    pos, s_prev = prefill(model, tokens, cache, r)
+    all_depths, all_logits = [], []
+    for _ in range(max_new_tokens):
+        if pos == block:  # window full: re-encode the last half block
+            pos, s_prev = prefill(model, tokens[:, -(block // 2):], cache, r)
+        exit_test = None if exit_threshold is None else ExitTest(model, exit_rule, exit_threshold, (idx.size(0), 1), r)
+        logits, s = model.forward_cached(tokens[:, -1:], cache, pos, r, exit_test, s_prev if warm_start else None)
+        all_depths.append(torch.full_like(tokens[:, -1], r) if exit_test is None else exit_test.depths[:, -1])
+        all_logits.append(logits[:, -1])
+        idx = torch.cat([idx, sample_token(logits[:, -1], temperature, top_k, generator)], dim=1)
+        tokens, pos, s_prev = idx[:, -block:], pos + 1, s
+    depths = torch.stack(all_depths, 1) if all_depths else idx.new_zeros(idx.size(0), 0)
+    return (idx, depths, torch.stack(all_logits, 1)) if return_logits else (idx, depths)
+
+
+def check_generate(model, idx, max_new_tokens, temperature, top_k, exit_threshold):
+    """generate's contract, checked up front like forward's: one ValueError naming the bad value."""
+    if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()):
+        raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got {getattr(idx, 'shape', idx)!r}")
+    if idx.min() < 0 or idx.max() >= model.config.vocab_size:
+        raise ValueError(f"token ids must lie in 0..{model.config.vocab_size - 1}, "
+                         f"got {idx.min().item()}..{idx.max().item()}")
+    check(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, exit_threshold=exit_threshold), {
+        'max_new_tokens': ('an integer >= 0', lambda v: is_int(v) and v >= 0),
+        'temperature': ('a number >= 0', lambda v: isinstance(v, (int, float)) and v >= 0),
+        'top_k': ('None (all) or an integer >= 1', lambda v: v is None or (is_int(v) and v >= 1)),
+        'exit_threshold': ('None (off) or a number >= 0', lambda v: v is None or v >= 0)})
+
+
+# -- self-speculative decoding: the shallow model drafts, the deep model verifies (METHOD.md §5) -----------------------
 def accept(p, q, drafts, generator=None):
     """Speculative sampling (Leviathan et al. 2023, Alg. 1): keep draft j with probability min(1, p_j(d)/q_j(d)),
     replace the first rejected one by a draw from max(0, p - q), or add a draw from p if none was rejected: every kept
@@ -253,16 +366,16 @@ def generate_speculative(model, idx, max_new_tokens, num_steps, draft_depth=1, n
                          top_k=None, generator=None):
     """Self-speculative decoding -> (tokens (B, P + max_new_tokens), stats): n_draft tokens of draft_depth iterations,
     then ONE pass of [last token, drafts] at depth r = num_steps keeps the agreeing prefix and one verifier token
-    (accept). Every kept token ran r iterations: greedy text equals model.generate(..., num_steps=r, temperature=0)."""
+    (accept). Every kept token ran r iterations: greedy text equals generate(model, ..., num_steps=r, temperature=0)."""
     block, r = model.config.block_size, num_steps
     if not (1 <= draft_depth <= r and n_draft >= 1):
         raise ValueError(f"need 1 <= draft_depth ({draft_depth}) <= num_steps ({r}) and n_draft ({n_draft}) >= 1")
     cache, start = model.new_cache(idx, r), idx.size(1)
-    pos, _ = model.prefill(idx[:, -block:], cache, r)
+    pos, _ = prefill(model, idx[:, -block:], cache, r)
     stats = dict(drafted=0, accepted=0, passes=0, iterations=0)
     while idx.size(1) - start < max_new_tokens:
         if pos == block:  # window full: re-encode the last half block
-            pos, _ = model.prefill(idx[:, -(block // 2):], cache, r)
+            pos, _ = prefill(model, idx[:, -(block // 2):], cache, r)
         n = min(n_draft, max_new_tokens - (idx.size(1) - start) - 1, block - 1 - pos)  # the chunk fits the window
         drafts, q = idx[:, -1:], []  # n drafts, one cached position at a time; the verify pass rewrites their cache
         for j in range(n):
@@ -286,9 +399,9 @@ def generate_sample(model, x, cfg, r, generator):
         out, stats = generate_speculative(model, x, cfg.max_new_tokens, r, cfg.draft_depth, cfg.n_draft,
                                           cfg.temperature, cfg.top_k, generator)
         return out, torch.full((x.size(0), cfg.max_new_tokens), r), stats  # every kept token ran r iterations
-    out, depths = model.generate(x, cfg.max_new_tokens, num_steps=r, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 exit_threshold=cfg.exit_threshold, exit_rule=cfg.exit_rule, generator=generator,
-                                 warm_start=cfg.warm_start)
+    out, depths = generate(model, x, cfg.max_new_tokens, num_steps=r, temperature=cfg.temperature, top_k=cfg.top_k,
+                           exit_threshold=cfg.exit_threshold, exit_rule=cfg.exit_rule, generator=generator,
+                           warm_start=cfg.warm_start)
     return out, depths, None
 
 
@@ -318,19 +431,19 @@ def sweep_depths(max_depth):
 
 def val_loss(logits, targets):
     """The sweep's default metric: mean next-token cross-entropy (lower is better)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1).item()
+    return cross_entropy(logits.float(), targets).item()
 
 
 @torch.no_grad()
 def depth_sweep(model, batches, depths, thresholds=(), exit_rule='kl', metric=val_loss, seed=0):
-    """A row per fixed depth r, then per adaptive-exit threshold eps (model.adaptive_forward, at most max_depth), the
+    """A row per fixed depth r, then per adaptive-exit threshold eps (adaptive_forward, at most max_depth), the
     same noise initial state (seed) for each: setting, rule, r, eps, mean_iterations (loop iterations per token) and
     value, metric(logits, targets) averaged over the batches (val loss, or e.g. a task's accuracy)."""
     rows = []
     for r, eps in [(r, None) for r in depths] + [(model.config.max_depth, eps) for eps in thresholds]:
         torch.manual_seed(seed)
         outs = [(model(x, num_steps=r)[0], torch.full_like(x, r)) if eps is None else
-                model.adaptive_forward(x, exit_threshold=eps, exit_rule=exit_rule)[::2] for x, _ in batches]
+                adaptive_forward(model, x, exit_threshold=eps, exit_rule=exit_rule)[::2] for x, _ in batches]
         values = [metric(logits, y) for (logits, _), (_, y) in zip(outs, batches)]
         rows.append(dict(setting=f"r={r}" if eps is None else f"{exit_rule} eps={eps:g}", r=r, eps=eps,
                          rule='fixed' if eps is None else exit_rule, value=sum(values) / len(values),

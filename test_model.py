@@ -10,6 +10,7 @@ import torch
 
 import model
 from model import GPT, GPTConfig
+from sample import adaptive_forward, generate
 
 V = 50  # vocabulary of the tiny test models
 
@@ -259,7 +260,6 @@ def test_flops_count_forward_r_and_backward_k():
     one_loop = f(6, backprop_depth=0) - f(5, backprop_depth=0)
     assert f(6) - f(5) == one_loop
     assert f(2) - f(1) == 3 * one_loop
-    assert gpt.estimate_mfu(1, 1.0, 3, peak_flops=1.0) == f(3) * 32
 
 
 # --- per-token depth ----------------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_cached_generation_equals_the_full_forward_at_fixed_depth(variant):
     """KV-cached decoding gives the logits of recomputing everything (prompt of several tokens); with RoPE the
     cached keys keep the turn of their own position."""
     gpt = lively(tiny(**variant))
-    out, depths, logits = gpt.generate(tokens(T=5), 10, num_steps=4, return_logits=True)
+    out, depths, logits = generate(gpt, tokens(T=5), 10, num_steps=4, return_logits=True)
     full = gpt(out[:, :-1], num_steps=4)[0]
     assert torch.allclose(logits, full[:, 4:], atol=1e-5)
     assert out.shape == (2, 15) and (depths == 4).all()
@@ -320,7 +320,7 @@ def test_early_exit_cached_generation_equals_forward_with_its_depths(variant):
     inject = variant['inject']
     varied = False
     for eps in (1e-3, 1e-2, 5e-2):
-        out, depths, logits = gpt.generate(tokens(B=4, T=1), 12, num_steps=8, exit_threshold=eps, return_logits=True)
+        out, depths, logits = generate(gpt, tokens(B=4, T=1), 12, num_steps=8, exit_threshold=eps, return_logits=True)
         full = gpt(out[:, :-1], depths=depths)[0]
         # fp32 rounding through 8 LayerNormed iterations stays below 1e-4; a wrong cache entry is off by more than 1e-2
         assert (full - logits).abs().max() <= 1e-4, (inject, eps, (full - logits).abs().max())
@@ -331,24 +331,24 @@ def test_early_exit_cached_generation_equals_forward_with_its_depths(variant):
 def test_threshold_zero_runs_every_token_to_full_depth_and_a_huge_one_stops_at_one():
     """eps = 0 never exits (KL is clamped at 0); an enormous eps exits after the first iteration."""
     gpt = lively(tiny())
-    assert (gpt.generate(tokens(T=3), 6, num_steps=5, exit_threshold=0.0)[1] == 5).all()
-    assert (gpt.generate(tokens(T=3), 6, num_steps=5, exit_threshold=1e9)[1] == 1).all()
+    assert (generate(gpt, tokens(T=3), 6, num_steps=5, exit_threshold=0.0)[1] == 5).all()
+    assert (generate(gpt, tokens(T=3), 6, num_steps=5, exit_threshold=1e9)[1] == 1).all()
 
 
 def test_a_batch_generates_what_each_row_generates_alone():
     """Rows exit on their own: a row's tokens and depths do not depend on its neighbours."""
     gpt = lively(tiny())
     prompts = tokens(B=3, T=1)
-    out, depths = gpt.generate(prompts, 10, num_steps=8, exit_threshold=1e-2, temperature=0)
+    out, depths = generate(gpt, prompts, 10, num_steps=8, exit_threshold=1e-2, temperature=0)
     for b in range(3):
-        row, row_depths = gpt.generate(prompts[b:b + 1], 10, num_steps=8, exit_threshold=1e-2, temperature=0)
+        row, row_depths = generate(gpt, prompts[b:b + 1], 10, num_steps=8, exit_threshold=1e-2, temperature=0)
         assert torch.equal(row, out[b:b + 1]) and torch.equal(row_depths, depths[b:b + 1])
 
 
 def test_long_prompts_are_cropped_and_generation_runs_past_the_block_size():
     """A prompt longer than block_size keeps its last block_size tokens; decoding continues past the window."""
     gpt = tiny()
-    out, depths = gpt.generate(tokens(T=40), 30, num_steps=2)
+    out, depths = generate(gpt, tokens(T=40), 30, num_steps=2)
     assert out.shape == (2, 70) and depths.shape == (2, 30)
     assert torch.equal(out[:, :40], tokens(T=40))
 
@@ -358,15 +358,15 @@ def test_teacher_forced_exit_threshold_zero_is_max_depth_and_huge_is_one():
     and its logits are forward(depths=...) for the depths it chose."""
     gpt = lively(tiny())
     x = tokens()
-    assert (gpt.adaptive_forward(x, exit_threshold=0.0, num_steps=6)[2] == 6).all()
-    assert (gpt.adaptive_forward(x, exit_threshold=1e9, num_steps=6)[2] == 1).all()
-    logits, _, depths = gpt.adaptive_forward(x, exit_threshold=1e-2, num_steps=6)
+    assert (adaptive_forward(gpt, x, exit_threshold=0.0, num_steps=6)[2] == 6).all()
+    assert (adaptive_forward(gpt, x, exit_threshold=1e9, num_steps=6)[2] == 1).all()
+    logits, _, depths = adaptive_forward(gpt, x, exit_threshold=1e-2, num_steps=6)
     assert torch.allclose(logits, gpt(x, depths=depths)[0], atol=1e-5)
 
 
 def test_unknown_exit_rule_is_refused():
     with pytest.raises(ValueError, match='exit_rule'):
-        tiny().generate(tokens(T=1), 2, exit_threshold=0.1, exit_rule='vibes')
+        generate(tiny(), tokens(T=1), 2, exit_threshold=0.1, exit_rule='vibes')
 
 
 # --- compilation --------------------------------------------------------------------------------------------------------
@@ -410,12 +410,12 @@ def test_router_learns_alone_and_leaves_the_language_model_gradient_unchanged():
 def test_router_exit_needs_a_router_and_its_cache_matches_the_forward():
     """exit_rule='router' is refused without a router; with one, eps 0 never halts, and decoding equals forward(depths)."""
     with pytest.raises(ValueError, match='router'):
-        tiny().generate(tokens(T=1), 2, exit_threshold=0.1, exit_rule='router')
+        generate(tiny(), tokens(T=1), 2, exit_threshold=0.1, exit_rule='router')
     gpt = lively(tiny(router=True))
-    assert (gpt.generate(tokens(T=1), 4, num_steps=5, exit_threshold=0.0, exit_rule='router')[1] == 5).all()
+    assert (generate(gpt, tokens(T=1), 4, num_steps=5, exit_threshold=0.0, exit_rule='router')[1] == 5).all()
     with torch.no_grad():
         gpt.router.bias.fill_(-1.0)  # halt with probability ~ 1/4 per iteration: varied depths
-    out, depths, logits = gpt.generate(tokens(B=4, T=1), 10, num_steps=8, exit_threshold=0.3, exit_rule='router',
+    out, depths, logits = generate(gpt, tokens(B=4, T=1), 10, num_steps=8, exit_threshold=0.3, exit_rule='router',
                                        return_logits=True)
     assert len(depths.unique()) > 1
     assert (gpt(out[:, :-1], depths=depths)[0] - logits).abs().max() <= 1e-5
@@ -433,5 +433,5 @@ def test_generate_refuses_bad_arguments_with_one_line(kwargs, word):
     from deep inside, and num_steps=0 is an error here too (not a silent 'default')."""
     args = {**dict(idx=tokens(T=3), max_new_tokens=2), **kwargs}
     with pytest.raises(ValueError, match=word) as err:
-        tiny().generate(**args)
+        generate(tiny(), **args)
     assert '\n' not in str(err.value)

@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare
-from configurator import DTYPES, check, check_device, configure
-from model import EXIT_RULES, GPT, GPTConfig, sample_depth
-from sample import depth_sweep, load_checkpoint
+from configurator import DTYPES, check_device, configure
+from model import EXIT_RULES, GPT, GPTConfig, check, sample_depth
+from sample import depth_sweep, generate, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: these ARE the CPU demo (`python train.py`, a few minutes on 2 cores)
@@ -94,7 +94,7 @@ backend = 'nccl'               # DDP backend: 'nccl' on GPUs, 'gloo' on CPUs
 seed = 1337                    # seeds init, data order and the depth of every step (0 <= seed < 2**32)
 peak_flops = 312e12            # for MFU: A100 bf16 312e12, H100 SXM bf16 989e12
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-MIDTRAIN = ('mean_depth', 'max_depth', 'backprop_depth', 'dropout', 'router', 'router_cost')  # init_from=<ckpt> sets
+MIDTRAIN = ('mean_depth', 'max_depth', 'backprop_depth', 'dropout', 'router', 'router_cost')  # a mid-train (and etd.py) sets
 
 
 # -- checks, all before any work: one line naming the key, the bad value and what is allowed --------------------------
@@ -246,6 +246,14 @@ def warn_no_prelude_grad(config):
               f"give the prelude no gradient: set backprop_depth >= max_depth (ETD) or inject='add'", file=sys.stderr)
 
 
+def configure_optimizers(model, cfg, device_type):
+    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == 'cuda')
+
+
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters (nanoGPT)."""
     if it < cfg.warmup_iters:
@@ -310,10 +318,8 @@ def append_log(cfg, row):
     if os.path.exists(log):
         with open(log) as f:  # a row cut short by a kill is not JSON: dropped too
             rows = [json.loads(line) for line in f if line.startswith('{') and line.rstrip().endswith('}')]
-    with open(log + '.tmp', 'w') as f:
-        f.writelines(json.dumps(old) + '\n' for old in rows if old.get('iter', math.inf) < row['iter'])
-        f.write(json.dumps(row) + '\n')
-    os.replace(log + '.tmp', log)  # a kill while writing leaves the old log whole
+    kept = [old for old in rows if old.get('iter', math.inf) < row['iter']] + [row]
+    prepare.save_atomic(log, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in kept).encode()))
 
 
 def rng_states(ddp, world, data_gen):
@@ -326,12 +332,6 @@ def rng_states(ddp, world, data_gen):
     return states
 
 
-def save_checkpoint(path, ckpt):
-    """tmp file + os.replace: a crash while writing leaves the previous checkpoint intact."""
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
 @torch.no_grad()
 def print_sample(model, cfg, meta, device, ctx):
     """sample_tokens after a newline, each stopped by adaptive exit, and their mean iterations per token."""
@@ -339,8 +339,8 @@ def print_sample(model, cfg, meta, device, ctx):
         return  # a task dataset, or no vocabulary to show text in
     start = prepare.encode('\n', meta)[0] if '\n' in meta.get('chars', '\n') else 0
     with ctx:
-        idx, depths = model.eval().generate(
-            torch.tensor([[start]], device=device), cfg.sample_tokens, num_steps=model.config.max_depth,
+        idx, depths = generate(
+            model.eval(), torch.tensor([[start]], device=device), cfg.sample_tokens, num_steps=model.config.max_depth,
             temperature=cfg.temperature, exit_threshold=cfg.exit_threshold, exit_rule=cfg.exit_rule,
             generator=torch.Generator(device).manual_seed(cfg.seed))
     print(f"--- sample: {cfg.sample_tokens} tokens, temperature {cfg.temperature}, adaptive exit ({cfg.exit_rule} < "
@@ -389,7 +389,7 @@ def setup(cfg, t):
     adopt_architecture(cfg, model.config)
     t.raw_model, mc = model.to(t.device), model.config
     t.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == 'float16')  # fp16 needs loss scaling, bf16 not
-    t.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    t.optimizer = configure_optimizers(model, cfg, device_type)
     t.data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + t.rank)  # each rank reads its own batches
     t.state = dict(iter_num=0, best_val_loss=math.inf, tokens_seen=0)  # the loop counters a checkpoint keeps
     if ckpt is not None:
@@ -438,10 +438,10 @@ def evaluate_and_save(cfg, t, rngs, t_run, write):
     if it == 0 or not (val < t.state['best_val_loss'] or cfg.always_save_checkpoint):
         return
     t.state['best_val_loss'], t.saved_iter = min(t.state['best_val_loss'], val), it
-    save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), dict(
-        model=t.raw_model.state_dict(), optimizer=t.optimizer.state_dict(), scaler=t.scaler.state_dict(),
-        model_args=dataclasses.asdict(t.raw_model.config), config=vars(cfg), rng=rngs,
-        vocab=vocabulary(t.meta), **t.state))  # vocab: a resume checks that its dataset's is the same
+    ckpt = dict(model=t.raw_model.state_dict(), optimizer=t.optimizer.state_dict(), scaler=t.scaler.state_dict(),
+                model_args=dataclasses.asdict(t.raw_model.config), config=vars(cfg), rng=rngs,
+                vocab=vocabulary(t.meta), **t.state)  # vocab: a resume checks that its dataset's is the same
+    prepare.save_atomic(os.path.join(cfg.out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
 
 
 def run(cfg, t):
@@ -485,8 +485,8 @@ def run(cfg, t):
             check_finite(finite, t.ddp, f"at or before iter {it + 1}")
             dt = time.time() - t_window  # the .item() in check_finite synced the device: dt is honest
             # MFU with each step's own r: forward counts r iterations, backward only min(r, k) (METHOD.md §6)
-            mfu = sum(t.raw_model.estimate_mfu(accum // t.world * cfg.batch_size, dt, n, cfg.peak_flops)
-                      for n in window)
+            flops = sum(t.raw_model.flops_per_token(n) for n in window) * tokens_per_iter / t.world
+            mfu = flops / dt / cfg.peak_flops
             history.append((it + 1, loss.item(), r))
             pbar.set_postfix_str(f"loss {loss.item():.4f}, r {r}, {tokens_per_iter * len(window) / dt:,.0f} tok/s, "
                                  f"MFU {100 * mfu:.2f}%")

@@ -7,11 +7,8 @@
 out_dir = 'out-shakespeare-char'
 eval_interval = 500   # evaluation at 4 depths + adaptive exit costs ~100 training steps here: not too often
 eval_iters = 20
-log_interval = 10
 always_save_checkpoint = False  # the model overfits this small corpus: keep the best val checkpoint
 
-dataset = 'shakespeare_char'
-gradient_accumulation_steps = 1
 batch_size = 64
 block_size = 256      # context of up to 256 previous characters
 
@@ -30,6 +27,5 @@ max_iters = 5000
 lr_decay_iters = 5000  # usually = max_iters
 min_lr = 1e-4         # learning_rate / 10
 beta2 = 0.99          # a bit higher because the number of tokens per step is small
-warmup_iters = 100
 
 sample_tokens = 500

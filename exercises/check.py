@@ -1,7 +1,4 @@
-"""Grade an exercise (python -m exercises check N|all): swap the student's functions into the model (model.<name>,
-etd.<name>) and run the properties that define them, the tests test_ex<N>_*, one line each; under a failure, why (its
-numbers labelled) and a hint for that failure. The answers are the product's own functions (--solution).
-"""
+"""python -m exercises check N|all: the properties (tests test_ex<N>_*) run with the student's functions swapped in."""
 import contextlib
 import inspect
 import io
@@ -25,8 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TESTS = [os.path.join(ROOT, 'tests', name) for name in ('test_exercises.py', 'test_etd.py')]
 # no pytest report (ours replaces it), no cache, no slow-gc unraisable plugin, no third-party ones (could reseed tests)
-PYTEST_ARGS = ['-q', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '--tb=no', '-W', 'ignore', '--rootdir',
-               ROOT, '-c', os.path.join(ROOT, 'pytest.ini')]
+PYTEST_ARGS = ['-q', '--tb=no', '-p', 'no:cacheprovider', '-p', 'no:unraisableexception', '-W', 'ignore']
 
 Exercise = namedtuple('Exercise', 'number file home names')  # home: the module holding the real functions
 Result = namedtuple('Result', 'node passed statement why hint')  # statement: the property (test docstring); why: 1 line
@@ -76,23 +72,18 @@ def load_student(ex, folder=HERE):
 
 
 def guarded(fn, name):
-    """fn with its result checked against CONTRACTS at every return: a wrong type or shape is one line there, not an
-    error deep in the model. fill_latest works in place: the entries it must write are NaN first, still NaN if not."""
+    """fn with its result checked against CONTRACTS at every return: one line there, not an error deep in the model."""
     signature, (ok, want) = inspect.signature(ORIGINAL[name]), CONTRACTS[name]
 
     def wrapper(*args, **kwargs):
         a = signature.bind(*args, **kwargs).arguments
-        if name == 'fill_latest':  # loop_kv: (r, n_loop, 2, B, H, T, hd)
-            later = torch.arange(len(a['loop_kv']), device=a['depths'].device)[:, None] >= a['depths']  # (r, B)
-            missing = torch.zeros_like(a['loop_kv'], dtype=torch.bool)
-            missing[:, :, :, :, :, a['pos']] = later[:, None, None, :, None, None]
-            a['loop_kv'][missing] = float('nan')
+        version = a['loop_kv']._version if name == 'fill_latest' else None  # in place: any write bumps it
         out = fn(*args, **kwargs)
         if not ok(a, out):
             got = f"a {str(out.dtype)[6:]} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else \
                 f"{out!r} ({type(out).__name__})"
             raise AssertionError(f"your {name} returned {got}; return {want(a)}")
-        if name == 'fill_latest' and missing.any() and a['loop_kv'][missing].isnan().all():
+        if name == 'fill_latest' and a['loop_kv']._version == version and (a['depths'] < len(a['loop_kv'])).any():
             raise AssertionError("loop_kv was not written by your fill_latest, yet a row stopped early: assign into "
                                 "loop_kv's entries (rebinding the name to a new tensor changes nothing in the cache)")
         return out
@@ -101,74 +92,59 @@ def guarded(fn, name):
 
 @contextlib.contextmanager
 def swapped(module, functions):
-    """module.<name> is the student's function for the duration, and so is every EXIT_RULES entry that held the real
-    one (model.EXIT_RULES holds kl_converged itself, not its name); both are restored afterwards."""
+    """module.<name>, and every model.EXIT_RULES entry (it holds functions, not names), are `functions`' meanwhile."""
     rules = {rule: (functions.get(test.__name__, test), n) for rule, (test, n) in model.EXIT_RULES.items()}
-    with mock.patch.dict(model.EXIT_RULES, rules), \
-            (mock.patch.multiple(module, **functions) if functions else contextlib.nullcontext()):
+    with mock.patch.dict(vars(module), functions), mock.patch.dict(model.EXIT_RULES, rules):
         yield
 
 
 def one_line(err, student_path=None):
-    """An exception as one line: a property's own message (pytest adds '\\nassert ...' to it), or the error's type and
-    first line with where it was raised: the student's file:line, or the model's, called with their function."""
+    """An exception as one line: a property's message, or the error and where it was raised (the student's line)."""
     text = str(err).strip()
-    if isinstance(err, AssertionError):  # a property's message or a contract's
+    if isinstance(err, AssertionError):  # a property's message or a contract's (pytest appends '\nassert ...')
         return f"the property does not hold: {text.splitlines()[0]}" if text.startswith('assert ') else \
             ' '.join(text.split('\nassert ')[0].split())
     message = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(': ')
-    if isinstance(err, SyntaxError):
-        return message + (f" (line {err.lineno})" if err.lineno else '')
+    if isinstance(err, SyntaxError):  # its text ends with (file, line N); the traceback is the loader's
+        return message
     frames = traceback.extract_tb(err.__traceback__)
     mine = [f for f in frames if student_path and os.path.abspath(f.filename) == os.path.abspath(student_path)]
+    if isinstance(err, NotImplementedError) and mine:  # the blank stub: name the function, nothing more
+        return f"your {mine[-1].name} is not written yet (it raises NotImplementedError; --solution runs the project's)"
     f = (mine or frames)[-1]  # where it was raised: the student's own line if their code is on the way
-    where = f"your code, {os.path.basename(f.filename)}:{f.lineno}" if mine else \
-        f"in {os.path.basename(f.filename)}:{f.lineno}, called with your function"
-    return f"{message} ({where})"[:300]
+    where = f"{os.path.basename(f.filename)}:{f.lineno}"
+    return (f"{message} (your code, {where})" if mine else f"{message} (in {where}, called with your function)")[:300]
 
 
 class Grader:
-    """A pytest plugin: keeps only the exercise's tests (test_ex<N>_*), in file order, and records each outcome."""
+    """A pytest plugin: each property run (a pytest item) -> its exception, None if it held, in file order."""
 
-    def __init__(self, number):
-        self.prefix, self.items, self.outcomes = f'test_ex{number}_', [], {}
-
-    def pytest_collection_modifyitems(self, session, config, items):
-        items[:] = self.items = [item for item in items if item.name.startswith(self.prefix)]
+    def __init__(self):
+        self.outcomes = {}
 
     def pytest_runtest_makereport(self, item, call):
-        if call.when == 'call' or call.excinfo is not None:
-            self.outcomes.setdefault(item.nodeid, call.excinfo.value if call.excinfo else None)
+        if call.when == 'call' or call.excinfo is not None:  # a failed setup is the result too
+            self.outcomes.setdefault(item, call.excinfo.value if call.excinfo else None)
 
 
 def grade(number, functions=None, solution=False, folder=HERE, exitfirst=False, failed_before=()):
-    """Grade exercise `number` -> [Result]. functions: {name: fn} to check, default the student's file in `folder`;
-    solution=True: the project's own. failed_before: properties that failed last time (their `more` hint shows)."""
+    """Exercise `number` -> [Result]: `functions` {name: fn}, by default the student's file in folder, or ours."""
     ex, path = BY_NUMBER[number], os.path.join(folder, BY_NUMBER[number].file)
     if not solution and functions is None:
         try:
             functions = load_student(ex, folder)
         except ValueError as err:
             return [Result('load', False, f"{ex.file} loads and defines {', '.join(ex.names)}", str(err), '')]
-    grader, threads = Grader(number), torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: on 2 busy cores a second thread cost one test 14 s of CPU instead of 0.1 s
-    try:
-        swap = {} if solution else {name: guarded(fn, name) for name, fn in functions.items()}
-        with swapped(ex.home, swap), mock.patch.dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD='1'), \
-                contextlib.redirect_stdout(io.StringIO()):
-            pytest.main([*TESTS, *PYTEST_ARGS] + ['-x'] * exitfirst, plugins=[grader])
-    finally:
-        torch.set_num_threads(threads)
+    grader, swap = Grader(), {} if solution else {name: guarded(fn, name) for name, fn in functions.items()}
+    with swapped(ex.home, swap), mock.patch.dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD='1'), \
+            contextlib.redirect_stdout(io.StringIO()):
+        pytest.main([*TESTS, *PYTEST_ARGS, '-k', f'test_ex{number}_'] + ['-x'] * exitfirst, plugins=[grader])
     results = []
-    for item in grader.items:  # in file order: the fast, precise properties first, then the whole model
-        err = grader.outcomes.get(item.nodeid, AssertionError('not run: an earlier property failed'))
-        why = '' if err is None else f"your {', '.join(ex.names)} is not written yet (it raises NotImplementedError)" \
-            if isinstance(err, NotImplementedError) else one_line(err, path)
-        why, _, hint = why.partition(' -- hint: ')
-        hint, _, more = hint.partition(' -- more: ')  # the give-away hint, for a property that failed last time too
-        case = f" [{item.callspec.id}]" if hasattr(item, 'callspec') else ''  # a parametrized property: which case
-        results.append(Result(item.nodeid, err is None, ' '.join((item.function.__doc__ or item.name).split()) + case,
-                              why, f"{hint} {more}".strip() if item.nodeid in failed_before else hint))
+    for item, err in grader.outcomes.items():  # in file order: the fast, precise properties first, then the whole model
+        why, _, hint = ('' if err is None else one_line(err, path)).partition(' -- hint: ')  # ' -- more: ': a give-away
+        hint = hint.replace(' -- more: ', ' ') if item.nodeid in failed_before else hint.partition(' -- more: ')[0]
+        statement = ' '.join(f"{item.function.__doc__} {item.name[len(item.originalname):]}".split())  # + [its case]
+        results.append(Result(item.nodeid, err is None, statement, why, hint))
     return results
 
 
@@ -185,8 +161,7 @@ def report(ex, results, seconds, solution=False, folder=HERE):
 
 
 def check(which, solution=False, folder=HERE):
-    """Grade one exercise or all of them, print the report (and for `all` a scoreboard); exit code 0 if all hold.
-    The properties that failed are kept in a temp file per folder: a second failure of one shows its `more` hint."""
+    """Print one exercise's report or all (then a scoreboard) -> exit code 0 if all hold; failures kept per folder."""
     history = pathlib.Path(tempfile.gettempdir(), 'nanoloop-check' + folder.replace(os.sep, '-')[-200:])  # < 255
     failed = set(history.read_text().split()) if history.is_file() else set()  # node ids hold no spaces
     rows = []

@@ -4,11 +4,11 @@ At test time a looped model can spend fewer iterations on easy tokens. Huginn's 
 after every iteration, run the coda on the state to get a next-token distribution p_i and stop once it has stopped
 changing, KL(p_i || p_{i-1}) < eps (Huginn: eps = 5e-4), else run to the maximum depth.
 
-Before the first iteration there is no previous prediction: the model (model.ExitTest) passes the uniform
+Before the first iteration there is no previous prediction: the exit test (sample.ExitTest) passes the uniform
 distribution, log p_prev = -log V for every token, so the first test asks "is p_1 already within eps of uniform?".
 
 Write the function, then grade it:   python -m exercises check 4
-The check puts yours in model.EXIT_RULES['kl'], where decoding (generate) and adaptive_forward look the rule up.
+The check puts yours in model.EXIT_RULES['kl'], where sample.generate and sample.adaptive_forward look the rule up.
 """
 import torch
 

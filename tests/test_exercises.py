@@ -17,9 +17,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model  # noqa: E402
-from exercises import check, observe  # noqa: E402
-from exercises.__main__ import main  # noqa: E402
+from exercises import check  # noqa: E402
+from exercises.__main__ import main, observe_1  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from sample import adaptive_forward, generate  # noqa: E402
 
 V = 64  # vocabulary of the tiny models
 
@@ -260,8 +261,8 @@ def test_ex4_eps_zero_runs_to_the_cap_on_a_converging_model():
     """On a model whose loop converges (its fp32 KL dips below 0), eps = 0 runs every token to the cap, in
     teacher-forced adaptive_forward and in cached decoding: the clamp at work in the whole model."""
     gpt = tiny(norm_state=False, max_depth=16)
-    d_tf = gpt.adaptive_forward(tokens(B=4, T=32), exit_threshold=0.0, num_steps=16)[2]
-    d_gen = gpt.generate(tokens(B=4, T=4), 12, num_steps=16, exit_threshold=0.0, temperature=0)[1]
+    d_tf = adaptive_forward(gpt, tokens(B=4, T=32), exit_threshold=0.0, num_steps=16)[2]
+    d_gen = generate(gpt, tokens(B=4, T=4), 12, num_steps=16, exit_threshold=0.0, temperature=0)[1]
     assert d_tf.min() == 16 and d_gen.min() == 16, (
         f"eps = 0 stopped after {d_tf.float().mean():.2f} (teacher-forced) and {d_gen.float().mean():.2f} (decoding) "
         f"iterations per token on average, expected all 16 -- hint: converged tokens exit: the docstring's fp32 trap")
@@ -270,8 +271,8 @@ def test_ex4_eps_zero_runs_to_the_cap_on_a_converging_model():
 def test_ex4_huge_eps_stops_every_token_after_one_iteration():
     """A huge eps holds at once: every token stops after its first iteration, teacher-forced and while decoding."""
     gpt = tiny(0.25)
-    d_tf = gpt.adaptive_forward(tokens(), exit_threshold=1e9, num_steps=6)[2]
-    d_gen = gpt.generate(tokens(T=3), 6, num_steps=5, exit_threshold=1e9)[1]
+    d_tf = adaptive_forward(gpt, tokens(), exit_threshold=1e9, num_steps=6)[2]
+    d_gen = generate(gpt, tokens(T=3), 6, num_steps=5, exit_threshold=1e9)[1]
     assert d_tf.max() == 1 and d_gen.max() == 1, f"eps = 1e9 ran up to {d_tf.max().item()} (teacher-forced) and " \
         f"{d_gen.max().item()} (decoding) iterations, expected 1 -- hint: any finite KL is below eps = 1e9"
 
@@ -310,7 +311,7 @@ def test_ex6_cached_early_exit_equals_the_per_token_depth_forward(variant):
     """The exact test of the early-exit cache (§5): decoding with exits equals forward(out[:, :-1], depths=depths)."""
     gpt, name = tiny(0.25, **variant), '/'.join(str(v) for v in variant.values())
     for eps in (1e-3, 1e-2, 5e-2):
-        out, depths, logits = gpt.generate(tokens(B=4, T=1), 12, num_steps=8, exit_threshold=eps, return_logits=True)
+        out, depths, logits = generate(gpt, tokens(B=4, T=1), 12, num_steps=8, exit_threshold=eps, return_logits=True)
         diff = (gpt(out[:, :-1], depths=depths)[0] - logits).abs().max().item()
         assert diff <= 1e-5, f"model {name}, eps {eps}: cached decoding differs from the per-token-depth " \
             f"forward by up to {diff:.1e} (tolerance 1e-5) -- " + WHY + "every loop layer, keys and values alike"
@@ -489,5 +490,5 @@ def test_bad_command_line_is_one_error_line_naming_it(argv, word, capsys):
 
 def test_observe_1_labels_the_cap_in_its_last_bin(capsys):
     """The histogram's last bin holds the draws capped at 128, and its label says so."""
-    observe.observe_1('')
+    observe_1('')
     assert '120..128' in capsys.readouterr().out

@@ -120,7 +120,7 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
     x = torch.tensor([[CHARS.index(c) for c in 'a[b\\']])
     generator = torch.Generator().manual_seed(7)
     for line in (lines[0], lines[2]):
-        out, depths = gpt.generate(x, 12, num_steps=MAX_DEPTH, temperature=1.0, top_k=200, exit_threshold=1e-2,
+        out, depths = sample.generate(gpt, x, 12, num_steps=MAX_DEPTH, temperature=1.0, top_k=200, exit_threshold=1e-2,
                                    generator=generator)
         parsed = sample.parse_markup(line)
         assert parsed[0] == ('a[b\\', None)
@@ -137,10 +137,10 @@ def test_main_markup_depths_equal_generate(ckpt_dir, capsys):
     (20, 6, 1, 1, 2, 'none'),     # a prompt longer than block_size; ETD's injection-free loop
 ])
 def test_speculative_greedy_equals_plain_greedy(prompt_len, new, batch, draft_depth, n_draft, inject):
-    """At temperature 0 self-speculative decoding outputs exactly model.generate's greedy tokens at full depth R."""
+    """At temperature 0 self-speculative decoding outputs exactly sample.generate's greedy tokens at full depth R."""
     gpt = tiny_model(inject)
     x = torch.randint(0, len(CHARS), (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
-    plain, _ = gpt.generate(x, new, num_steps=4, temperature=0)
+    plain, _ = sample.generate(gpt, x, new, num_steps=4, temperature=0)
     spec, stats = sample.generate_speculative(gpt, x, new, 4, draft_depth, n_draft, temperature=0)
     assert torch.equal(spec, plain), f"first difference at {(spec != plain).nonzero()[0].tolist()}"
     assert 0 < stats['accepted'] < stats['drafted'], f"the test should see accepted and rejected drafts: {stats}"
@@ -256,7 +256,7 @@ def test_cli_error_is_one_line_without_traceback(runs, name, needle):
     (['--temperature=-1'], 'temperature=-1'),
     (['--top_k=0'], 'top_k=0 is not allowed: expected an integer >= 1'),
     (['--device=cuda:7'], "device='cuda:7' is not available here"),
-    (['--sweep', '--plot=/nowhere/sweep.png'], 'its folder does not exist'),
+    (['--sweep', '--plot=/nowhere/sweep.png'], "plot='/nowhere/sweep.png' is not allowed"),
     (['--speculative', '--exit_threshold=1e-3'], '--speculative with --exit_threshold'),
     (['--sweep', '--speculative'], '--sweep with --speculative'),
     (['--speculative', '--warm_start'], '--speculative with --warm_start'),
@@ -266,7 +266,7 @@ def test_cli_error_is_one_line_without_traceback(runs, name, needle):
     (['--exit_rule=router', '--exit_threshold=0.99'], "exit_rule='router'"),
     (['--exit_rule=bogus'], "exit_rule='bogus'"),
     (['--color=blue'], "color='blue'"),
-    (['--plot=x.png'], 'needs --sweep'),
+    (['--plot=x.png'], "plot='x.png' is not allowed: expected a file in an existing folder, with --sweep"),
     (['--sweep_thresholds=1e-3,x', '--sweep'], 'sweep_thresholds'),
     (['--start='], "start=''"),
     (['--start=FILE:/nonexistent/prompt.txt'], '/nonexistent/prompt.txt'),
@@ -286,7 +286,7 @@ def test_token_probs_is_the_distribution_model_sample_token_draws_from():
     None = all, the k most likely otherwise; one-hot argmax at temperature 0)."""
     logits = torch.randn(1, 6, generator=torch.Generator().manual_seed(0)) * 2
     for top_k in (None, 3):
-        draws = model_module.sample_token(logits.expand(40000, 6), 0.7, top_k, torch.Generator().manual_seed(1))
+        draws = sample.sample_token(logits.expand(40000, 6), 0.7, top_k, torch.Generator().manual_seed(1))
         freq = torch.bincount(draws[:, 0], minlength=6).float() / 40000
         assert torch.allclose(freq, sample.token_probs(logits[0], 0.7, top_k), atol=0.01), (top_k, freq)
-    assert sample.token_probs(logits, 0.0)[0].argmax() == model_module.sample_token(logits, 0.0)[0, 0]
+    assert sample.token_probs(logits, 0.0)[0].argmax() == sample.sample_token(logits, 0.0)[0, 0]

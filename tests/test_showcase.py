@@ -55,13 +55,19 @@ def test_a_batch_of_the_task_is_whole_examples_with_their_targets(task, tmp_path
         assert row_y[1:].tolist() == solve(row_x[1:], 3)
 
 
-def test_compare_scores_every_digit_and_not_the_bos_token(task):
-    """compare.evaluate drops the BOS column: accuracy is over the 12 digits, at every test depth and adaptive."""
+def test_compare_scores_every_digit_and_not_the_bos_token(tmp_path):
+    """compare drops the BOS column: accuracy is over the 12 digits, at every test depth and adaptive."""
     import torch
     from model import GPT, GPTConfig
-    _, splits = task
-    x, y = (torch.from_numpy(a[:8].astype(np.int64)) for a in splits['val'])
+    prepare.prepare('prefix_sums', data_dir=str(tmp_path), n_train=50, n_val=10, length=12)
+    batches, metric, groups = compare.test_data({'dataset': 'prefix_sums', 'data_dir': str(tmp_path)})
+    assert groups == compare.buckets(12) and batches[0][0].shape[1] == 13  # BOS + 12 digits in, 12 digits scored
     model = GPT(GPTConfig(block_size=13, vocab_size=4, n_embd=16, n_head=2, n_prelude=0, n_loop=1, n_coda=0,
                           mean_depth=1, max_depth=2)).eval()
-    rows = compare.evaluate(model, [(x, y)], [1, 2], {'exit_threshold': 5e-4}, first=1)
-    assert set(rows) == {1, 2, 'adaptive'} and all(c.shape == (8, 12) for _, c, _ in rows.values())
+    rows = compare.evaluate(model, batches, [1, 2], metric)
+    assert set(rows) == {1, 2, 'adaptive'} and all(acc.shape == (len(groups),) for acc, _ in rows.values())
+    torch.manual_seed(0)  # the noise s_0 the evaluation used
+    (x, y), = batches
+    correct = 100 * (model(x, num_steps=1)[0].argmax(-1) == y)[:, 1:].float()  # the digits' columns only
+    expected = torch.stack([correct[:, a - 1:b].mean() for a, b in groups])
+    assert torch.allclose(rows[1][0], expected), (rows[1][0], expected)
