@@ -288,6 +288,8 @@ def token_probs(logits, temperature, top_k=None):
 
 def sample_token(logits, temperature=1.0, top_k=None, generator=None):
     """Next token (B, 1) drawn from the last position's logits (B, V): the one token sampler everything uses."""
+    if temperature == 0:  # greedy, once per decoded token: no one-hot over the vocabulary, no draw
+        return logits.argmax(-1, keepdim=True)
     return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1, generator=generator)
 
 
